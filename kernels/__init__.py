@@ -1,0 +1,1 @@
+"""Triton kernels, installed as latentr3_fast.kernels."""

@@ -1,0 +1,1 @@
+"""latentr3_fast.ops"""
