@@ -1,0 +1,324 @@
+"""The run configuration of ``python -m latentr3_fast.train``: one dataclass, one flag per field.
+
+Precedence: built-in defaults < ``--config FILE.yaml`` < command-line flags. The effective
+configuration is written next to the results (``config.yaml``) so every run can be repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+STAGES = ("sft", "grpo", "eval", "all")
+
+
+@dataclass
+class RunConfig:
+    """Every option of the pipeline. Field docs (the ``help`` metadata) are the ``--help`` text."""
+
+    # --- run ---
+    data: str = field(
+        default="synthetic",
+        metadata={
+            "help": "'synthetic' (embedded default), a standard-layout DIR, or recbole:DIR/NAME"
+        },
+    )
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "HF causal LM name or local path (e.g. Qwen/Qwen2.5-1.5B-Instruct); "
+            "default: a tiny Qwen2 built from a config with a BPE tokenizer trained on the data"
+        },
+    )
+    stage: str = field(default="all", metadata={"help": "sft | grpo | eval | all"})
+    output_dir: str = field(default="runs/latentr3", metadata={"help": "where results go"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"}
+    )
+    seed: int = field(default=42, metadata={"help": "seed of everything"})
+    resume: bool = field(default=False, metadata={"help": "continue a run in --output-dir"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a previous run in --output-dir"}
+    )
+    max_steps: int | None = field(
+        default=None, metadata={"help": "cap on optimizer steps per stage"}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "use the first N train rows"}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "evaluate the first N rows"}
+    )
+    baseline: bool = field(
+        default=True,
+        metadata={
+            "help": "also train+evaluate the 'w/o reasoning' baseline (num_latent=0) in stage all"
+        },
+    )
+
+    # --- synthetic data / tiny model (embedded default only) ---
+    synthetic_items: int = field(default=400, metadata={"help": "items of the synthetic catalogue"})
+    synthetic_users: int = field(
+        default=1200, metadata={"help": "users of the synthetic catalogue"}
+    )
+    tiny_hidden_size: int = field(
+        default=128, metadata={"help": "hidden size of the tiny backbone"}
+    )
+    tiny_layers: int = field(default=2, metadata={"help": "layers of the tiny backbone"})
+    tokenizer_vocab: int = field(
+        default=1024, metadata={"help": "BPE vocabulary of the tiny tokenizer"}
+    )
+
+    # --- model / prompt ---
+    num_latent: int = field(
+        default=1, metadata={"help": "latent reasoning steps N (0 = w/o reasoning)"}
+    )
+    latent_mode: str = field(
+        default="ratt", metadata={"help": "ratt (LatentRATT) | hidden (w/o LatentRATT)"}
+    )
+    template: str = field(
+        default="reference", metadata={"help": "prompt template: reference | clean"}
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "max tokens per sequence (left-truncated)"}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "flash_attention_2 | sdpa | eager (default: flash-attn on CUDA if importable)"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "SFT gradient checkpointing"}
+    )
+
+    # --- SFT (stage 1) ---
+    sft_lr: float = field(default=3e-4, metadata={"help": "SFT learning rate (reference 3e-4)"})
+    sft_batch_size: int = field(
+        default=128, metadata={"help": "SFT effective batch (samples per step)"}
+    )
+    sft_micro_batch_size: int = field(default=16, metadata={"help": "SFT samples per forward"})
+    sft_epochs: float = field(
+        default=3.0, metadata={"help": "SFT epochs (early stopping may end sooner)"}
+    )
+    sft_warmup_steps: int = field(default=20, metadata={"help": "SFT warmup steps"})
+    sft_patience: int = field(default=1, metadata={"help": "early stopping patience (validations)"})
+    sft_eval_steps: int | None = field(
+        default=None, metadata={"help": "validate every N steps (default: per epoch)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "SFT weight decay"})
+    optim: str = field(
+        default="adamw", metadata={"help": "adamw | adamw_8bit (bitsandbytes, CUDA)"}
+    )
+
+    # --- GRPO (stage 2) ---
+    grpo_lr: float = field(
+        default=1e-4, metadata={"help": "GRPO learning rate (reference grid 1e-5..5e-4)"}
+    )
+    num_generations: int = field(
+        default=8, metadata={"help": "rows per prompt G (1 clean + G-1 noisy)"}
+    )
+    sigma: float = field(default=1.5, metadata={"help": "std of the latent noise"})
+    advantage: str = field(default="batch", metadata={"help": "batch | group | none"})
+    advantage_batch: int | None = field(
+        default=None,
+        metadata={"help": "prompts per advantage batch (default: the optimizer batch)"},
+    )
+    prompts_per_step: int = field(default=32, metadata={"help": "prompts per GRPO optimizer step"})
+    grpo_micro_batch_prompts: int = field(default=8, metadata={"help": "prompts per GRPO forward"})
+    epsilon: float = field(default=0.2, metadata={"help": "PPO clip lower epsilon"})
+    epsilon_high: float = field(default=0.28, metadata={"help": "PPO clip upper epsilon"})
+    num_iterations: int = field(default=1, metadata={"help": "inner GRPO iterations per batch"})
+    beta: float = field(
+        default=0.0, metadata={"help": "KL coefficient (must be 0 with a frozen backbone)"}
+    )
+    include_clean_in_loss: bool = field(
+        default=True, metadata={"help": "include row k=0 in the loss (reference)"}
+    )
+    grpo_warmup_steps: int = field(
+        default=200, metadata={"help": "GRPO warmup steps (cosine schedule)"}
+    )
+    grpo_epochs: float = field(default=1.0, metadata={"help": "GRPO epochs"})
+    reward: str = field(
+        default="ppl", metadata={"help": "ppl (LatentR3) | hit (original GRPO, decodes)"}
+    )
+    trainable: str = field(default="latent", metadata={"help": "latent (LatentRATT only) | all"})
+
+    # --- evaluation ---
+    num_beams: int = field(default=10, metadata={"help": "beams of the constrained beam search"})
+    length_penalty: list[float] = field(
+        default_factory=lambda: [1.0, 0.0],
+        metadata={"help": "one or more: 1.0 = BIGRec scoring, 0.0 = D3 scoring"},
+    )
+    rank: str = field(
+        default="beam", metadata={"help": "beam | exact (full-catalogue teacher-forced)"}
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the option when a value is out of range."""
+        choices = {
+            "stage": STAGES,
+            "latent_mode": ("ratt", "hidden"),
+            "template": ("reference", "clean"),
+            "advantage": ("batch", "group", "none"),
+            "optim": ("adamw", "adamw_8bit"),
+            "rank": ("beam", "exact"),
+            "reward": ("ppl", "hit"),
+            "trainable": ("latent", "all"),
+            "dtype": ("auto", "fp32", "bf16", "fp16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        positive = (
+            "num_generations",
+            "num_beams",
+            "prompts_per_step",
+            "sft_batch_size",
+            "sft_micro_batch_size",
+            "grpo_micro_batch_prompts",
+            "eval_batch_size",
+            "num_iterations",
+            "max_length",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.num_latent < 0:
+            raise ConfigError(f"--num-latent must be >= 0, got {self.num_latent}")
+        if self.num_generations < 2 and self.stage in ("grpo", "all"):
+            raise ConfigError("--num-generations must be >= 2 (one clean row plus noisy rows)")
+        if self.sigma < 0:
+            raise ConfigError(f"--sigma must be >= 0, got {self.sigma}")
+        if self.beta != 0.0 and self.trainable == "latent":
+            raise ConfigError(
+                "--beta must be 0 when only LatentRATT trains (--trainable latent): the "
+                "backbone is frozen, so the KL to the reference model is identically 0; "
+                "use --trainable all"
+            )
+        if self.num_beams < 1 or not self.length_penalty:
+            raise ConfigError("--length-penalty needs at least one value")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of a field annotation such as ``int | None`` or ``list[float]``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI parser. Defaults are SUPPRESSed so that only flags the user gave override."""
+    parser = argparse.ArgumentParser(
+        prog="python -m latentr3_fast.train",
+        description="LatentR3: SFT warm-up -> modified GRPO -> constrained-beam evaluation. "
+        "With no arguments: the embedded default (synthetic catalogue, tiny Qwen2, CPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML file of options (flags override it)")
+    defaults = RunConfig()
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        tp, is_list = _base_type(hints[f.name])
+        default = getattr(defaults, f.name)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        flag = f"--{_flag(f.name)}"
+        if tp is bool:
+            parser.add_argument(
+                flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL", help=help_text
+            )
+        elif is_list:
+            parser.add_argument(flag, type=tp, nargs="+", help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, help=help_text)
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse argv (defaults < YAML file < flags) into a validated RunConfig."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file is not None:
+        values.update(read_yaml_config(Path(config_file)))
+    values.update(args)
+    cfg = RunConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """Read a YAML options file; keys may use '-' or '_'. Unknown keys are an error."""
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        out[name] = _coerce(name, value, f"--config {path}")
+    return out
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Convert a YAML value to the field's type (YAML reads ``3e-4`` as a string)."""
+    tp, is_list = _base_type(typing.get_type_hints(RunConfig)[name])
+    if value is None:
+        return None
+    convert = _parse_bool if tp is bool else tp
+    try:
+        if is_list:
+            items = value if isinstance(value, list) else [value]
+            return [convert(v) if isinstance(v, str) else tp(v) for v in items]
+        if isinstance(value, str) and tp is not str:
+            return convert(value)
+        return value if tp is bool or isinstance(value, tp) else tp(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise ConfigError(
+            f"{where}: option {name!r}: cannot read {value!r} as {tp.__name__}"
+        ) from exc
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the effective configuration as YAML (flags with '-', as on the command line)."""
+    data = {_flag(k): v for k, v in dataclasses.asdict(cfg).items()}
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
