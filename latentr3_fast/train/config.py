@@ -265,8 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse argv (defaults < YAML file < flags) into a validated RunConfig."""
+def load_config(argv: list[str] | None = None) -> tuple[RunConfig, set[str]]:
+    """Parse argv (defaults < YAML file < flags) into a validated RunConfig.
+
+    Returns the config and the names of the options the user set (in the file or as flags).
+    """
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
@@ -275,8 +278,7 @@ def load_config(argv: list[str] | None = None) -> RunConfig:
         values.update(read_yaml_config(Path(config_file)))
     values.update(args)
     cfg = RunConfig(**values)
-    cfg.validate()
-    return cfg
+    return cfg, set(values)
 
 
 def read_yaml_config(path: Path) -> dict[str, Any]:

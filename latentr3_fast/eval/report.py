@@ -1,0 +1,232 @@
+"""Run reports: the results table (text and Markdown), ``report.md`` and PNG plots.
+
+Results are a list of flat records, one per (model, scoring)::
+
+    {"model": "SFT only", "scoring": "D3", "length_penalty": 0.0,
+     "HR@1": ..., "HR@5": ..., "NDCG@10": ..., "num_rows": 300,
+     "groups": {"popular": {...}, "unpopular": {...}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TABLE_METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+
+
+def scoring_name(length_penalty: float) -> str:
+    """'BIGRec' for length penalty 1.0, 'D3' for 0.0 (SPEC section 6), else 'lp=<x>'."""
+    if length_penalty == 1.0:
+        return "BIGRec"
+    if length_penalty == 0.0:
+        return "D3"
+    return f"lp={length_penalty:g}"
+
+
+def results_table(
+    results: Sequence[dict[str, Any]],
+    metrics: Sequence[str] = TABLE_METRICS,
+    markdown: bool = False,
+) -> str:
+    """Format records as a table: one row per (model, scoring), one column per metric."""
+    header = ["model", "scoring", *metrics]
+    rows = [
+        [str(r["model"]), str(r["scoring"]), *(_fmt(r.get(m)) for m in metrics)] for r in results
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    fmt_row = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt_row(header), sep, *(fmt_row(r) for r in rows)])
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def group_gain_table(
+    results: Sequence[dict[str, Any]], base_model: str, new_model: str, metric: str = "NDCG@10"
+) -> list[dict[str, Any]]:
+    """Relative gain of ``new_model`` over ``base_model`` per popularity group and scoring."""
+    by_key = {(r["model"], r["scoring"]): r for r in results}
+    out = []
+    for (model, scoring), rec in by_key.items():
+        if model != new_model or (base_model, scoring) not in by_key:
+            continue
+        base = by_key[(base_model, scoring)]
+        for group, vals in sorted(rec.get("groups", {}).items()):
+            b = base.get("groups", {}).get(group, {}).get(metric)
+            n = vals.get(metric)
+            if b is None or n is None:
+                continue
+            gain = (n - b) / b if b > 0 else math.inf if n > 0 else 0.0
+            out.append(
+                {"scoring": scoring, "group": group, "base": b, "new": n, "relative_gain": gain}
+            )
+    return out
+
+
+def environment_info() -> dict[str, str]:
+    """Versions and machine facts for the report."""
+    import torch
+    import transformers
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover - triton is a Linux dependency
+        info["triton"] = "absent"
+    return info
+
+
+def write_report(
+    path: Path,
+    results: Sequence[dict[str, Any]],
+    timings: dict[str, float],
+    config: dict[str, Any],
+    gains: Sequence[dict[str, Any]] = (),
+    plots: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> None:
+    """Write ``report.md``: results, popularity gains, timings, plots, environment, config."""
+    lines = ["# LatentR3 run report", "", "## Results", "", results_table(results, markdown=True)]
+    if gains:
+        lines += ["", "## Popular vs unpopular items (relative gain)", ""]
+        lines += ["| scoring | group | base | new | gain |", "|---|---|---|---|---|"]
+        for g in gains:
+            lines.append(
+                f"| {g['scoring']} | {g['group']} | {g['base']:.4f} | {g['new']:.4f} | "
+                f"{g['relative_gain']:+.1%} |"
+            )
+    lines += ["", "## Timings (seconds)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in environment_info().items()]
+    lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines log; a torn last line (killed run) is ignored."""
+    out = []
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def make_plots(
+    out_dir: Path, logs: dict[str, list[dict[str, Any]]], results: Sequence[dict]
+) -> tuple[list[str], str | None]:
+    """PNG plots of the training logs and results. Returns (files, note if matplotlib is absent).
+
+    ``logs`` maps a stage name ("sft", "sft_baseline", "grpo") to its JSON-lines records.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed: plots skipped (pip install matplotlib)"
+    files: list[str] = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(str(path))
+
+    sft_stages = [s for s in logs if s.startswith("sft")]
+    if sft_stages:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for stage in sft_stages:
+            recs = logs[stage]
+            train = [(r["step"], r["loss"]) for r in recs if "loss" in r and "step" in r]
+            val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r and "step" in r]
+            if train:
+                ax.plot(*zip(*train), label=f"{stage} train", alpha=0.7)
+            if val:
+                ax.plot(*zip(*val), "o-", label=f"{stage} validation")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("target-token NLL")
+        ax.set_title("SFT loss")
+        ax.legend(fontsize=7)
+        save(fig, "sft_loss.png")
+    grpo = logs.get("grpo", [])
+    steps = [r for r in grpo if "reward_clean_mean" in r]
+    if steps:
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        x = [r["step"] for r in steps]
+        ax[0].plot(x, [r["reward_clean_mean"] for r in steps], label="clean latent (k=0)")
+        ax[0].plot(x, [r.get("reward_noisy_mean", float("nan")) for r in steps], label="noisy")
+        ax[0].set_title("GRPO reward (-perplexity)")
+        ax[0].set_xlabel("optimizer step")
+        ax[0].legend(fontsize=7)
+        ax[1].plot(x, [r.get("adv_abs_mean", float("nan")) for r in steps], label="|A| mean")
+        ax[1].plot(x, [r.get("adv_mean", float("nan")) for r in steps], label="A mean")
+        ax[1].set_title("advantage")
+        ax[1].set_xlabel("optimizer step")
+        ax[1].legend(fontsize=7)
+        save(fig, "grpo_reward.png")
+    if results:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        labels = [f"{r['model']}\n{r['scoring']}" for r in results]
+        width = 0.4
+        xs = range(len(results))
+        ax.bar(
+            [i - width / 2 for i in xs], [r.get("HR@10", 0) for r in results], width, label="HR@10"
+        )
+        ax.bar(
+            [i + width / 2 for i in xs],
+            [r.get("NDCG@10", 0) for r in results],
+            width,
+            label="NDCG@10",
+        )
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=6)
+        ax.legend(fontsize=7)
+        ax.set_title("test metrics")
+        save(fig, "metrics.png")
+        grouped = [r for r in results if r.get("groups")]
+        if grouped:
+            fig, ax = plt.subplots(figsize=(7, 3.5))
+            groups = sorted({g for r in grouped for g in r["groups"]})
+            for j, g in enumerate(groups):
+                vals = [r["groups"].get(g, {}).get("NDCG@10", 0) for r in grouped]
+                ax.bar([i + (j - 0.5) * width for i in range(len(grouped))], vals, width, label=g)
+            ax.set_xticks(list(range(len(grouped))))
+            ax.set_xticklabels([f"{r['model']}\n{r['scoring']}" for r in grouped], fontsize=6)
+            ax.set_title("NDCG@10 by popularity group")
+            ax.legend(fontsize=7)
+            save(fig, "popularity_groups.png")
+    return files, None

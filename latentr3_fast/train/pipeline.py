@@ -1,0 +1,438 @@
+"""The whole pipeline behind ``python -m latentr3_fast.train``: data -> SFT -> GRPO -> evaluation.
+
+Output directory layout::
+
+    config.yaml              effective configuration (defaults < --config file < flags)
+    sft/ sft_baseline/ grpo/ trainer checkpoints, logs and the final ``model/`` of each stage
+    train_log.jsonl          every logged step of every stage (with a "stage" key)
+    metrics.json             one record per (evaluated model, scoring)
+    predictions-*.jsonl      per-row ranked predictions
+    report.md, *.png         tables, timings, environment, plots
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .config import RunConfig, save_config
+
+# Settings of the embedded default (synthetic catalogue + tiny backbone trained from scratch on
+# CPU). They apply only when --data synthetic and no --model are used, and only to options the
+# user did not set; the reference hyperparameters (SPEC) stay the defaults for real backbones.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "sft_lr": 3e-3,
+    "sft_batch_size": 32,
+    "sft_micro_batch_size": 32,
+    "sft_epochs": 6.0,
+    "sft_warmup_steps": 20,
+    "sft_patience": 2,
+    "grpo_lr": 3e-4,
+    "prompts_per_step": 16,
+    "grpo_micro_batch_prompts": 16,
+    "grpo_warmup_steps": 5,
+    "grpo_epochs": 1.0,
+    "sigma": 1.5,
+    "max_length": 256,
+    "eval_batch_size": 32,
+}
+
+MODEL_NAMES = {"sft_baseline": "w/o reasoning", "sft": "SFT only", "grpo": "LatentR3"}
+RUN_MARKERS = ("config.yaml", "metrics.json", "sft", "grpo")
+
+
+def is_embedded_default(cfg: RunConfig) -> bool:
+    return cfg.data == "synthetic" and cfg.model is None
+
+
+def apply_embedded_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
+    """Replace the reference defaults by the embedded-default ones for options not given."""
+    if not is_embedded_default(cfg):
+        return cfg
+    updates = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given}
+    return dataclasses.replace(cfg, **updates)
+
+
+# ----------------------------------------------------------------------------- distributed
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed under torchrun (gloo on CPU, NCCL on GPU); (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(seconds=int(os.environ.get("LATENTR3_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- pieces
+def prepare_output_dir(cfg: RunConfig, rank: int) -> Path:
+    """Create the output dir; refuse one holding another run unless --resume or --overwrite."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir {out}: exists and is not a directory")
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(
+            f"--output-dir {out} already holds a run; pass --resume to continue it or "
+            "--overwrite to replace it"
+        )
+    if rank == 0:
+        if holds_run and cfg.overwrite and not cfg.resume:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return out
+
+
+def load_data(cfg: RunConfig):
+    """The dataset named by --data (synthetic, a standard-layout dir, or recbole:DIR/NAME)."""
+    from ..data import load_dataset, load_recbole, make_synthetic
+
+    if cfg.data == "synthetic":
+        return make_synthetic(
+            num_items=cfg.synthetic_items, num_users=cfg.synthetic_users, seed=cfg.seed
+        )
+    if cfg.data.startswith("recbole:"):
+        target = Path(cfg.data[len("recbole:") :])
+        if not target.parent.is_dir():
+            raise DataError(f"--data {cfg.data}: directory {target.parent} does not exist")
+        return load_recbole(target.parent, target.name)
+    path = Path(cfg.data)
+    if not path.is_dir():
+        raise DataError(f"--data {cfg.data}: not a directory (expected DIR/{{train,valid,test}}/)")
+    return load_dataset(path)
+
+
+def build_model(cfg: RunConfig, dataset: Any, num_latent: int, tokenizer: Any = None):
+    """A fresh LatentReasoner: the tiny default backbone, or --model loaded by name/path."""
+    from ..model import LatentReasoner, tiny_qwen2
+
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    device = None if cfg.device == "auto" else cfg.device
+    if cfg.model is None:
+        if tokenizer is None:
+            from ..data import dataset_corpus, train_tokenizer
+
+            tokenizer = train_tokenizer(dataset_corpus(dataset, cfg.template), cfg.tokenizer_vocab)
+        return tiny_qwen2(
+            tokenizer,
+            hidden_size=cfg.tiny_hidden_size,
+            num_layers=cfg.tiny_layers,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate=cfg.tiny_hidden_size * 2,
+            seed=cfg.seed,
+            num_latent=num_latent,
+            latent_mode=cfg.latent_mode,
+            torch_dtype=dtype,
+            device=device,
+            attn_implementation=cfg.attn_implementation,
+        )
+    local = Path(cfg.model)
+    looks_local = cfg.model.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not local.is_dir():
+        raise ConfigError(f"--model {cfg.model}: no such directory")
+    return LatentReasoner.from_pretrained(
+        cfg.model,
+        num_latent=num_latent,
+        latent_mode=cfg.latent_mode,
+        torch_dtype=dtype,
+        device=device,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+def load_stage_model(cfg: RunConfig, out: Path, stage: str):
+    """The final model saved by a finished stage."""
+    from ..model import LatentReasoner
+
+    path = out / stage / "model"
+    if not path.is_dir():
+        raise ConfigError(
+            f"stage {stage!r} has no saved model at {path}: run that stage first "
+            f"(--stage {stage.split('_')[0]}) or use --stage all"
+        )
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    device = None if cfg.device == "auto" else cfg.device
+    return LatentReasoner.from_pretrained(path, torch_dtype=dtype, device=device)
+
+
+def save_stage_model(model: Any, out: Path, stage: str, rank: int) -> None:
+    """Save a stage's final model atomically (tmp dir, then rename)."""
+    if rank != 0:
+        return
+    final = out / stage / "model"
+    tmp = out / stage / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def prompt_builder(cfg: RunConfig, model: Any, dataset: Any):
+    from ..data import PromptBuilder
+
+    return PromptBuilder(
+        model.tokenizer,
+        dataset.category,
+        template=cfg.template,
+        num_latent=model.num_latent,
+        max_length=cfg.max_length,
+    )
+
+
+def run_sft(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
+    """Stage 1 on ``model`` (in place); returns the SFTResult."""
+    from .sft import SFTConfig, SFTTrainer
+
+    pb = prompt_builder(cfg, model, dataset)
+    micro = min(cfg.sft_micro_batch_size, cfg.sft_batch_size)
+    sft_cfg = SFTConfig(
+        output_dir=str(out_dir),
+        epochs=max(1, math.ceil(cfg.sft_epochs)),
+        batch_size=micro,
+        grad_accum=max(1, cfg.sft_batch_size // micro),
+        eval_batch_size=cfg.eval_batch_size * 2,
+        lr=cfg.sft_lr,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        warmup_steps=cfg.sft_warmup_steps,
+        eval_steps=cfg.sft_eval_steps,
+        patience=cfg.sft_patience,
+        max_steps=cfg.max_steps,
+        max_train_samples=cfg.max_train_samples,
+        max_eval_samples=cfg.max_eval_samples,
+        seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        resume=cfg.resume,
+    )
+    train = pb.encode_many(dataset.train[: cfg.max_train_samples])
+    valid = pb.encode_many(dataset.valid[: cfg.max_eval_samples])
+    return SFTTrainer(model, sft_cfg, train, valid).train()
+
+
+def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
+    """Stage 2 on ``model`` (in place); returns the trainer's result."""
+    from .grpo import GRPOConfig, GRPOTrainer
+
+    pb = prompt_builder(cfg, model, dataset)
+    train = pb.encode_many(dataset.train[: cfg.max_train_samples])
+    grpo_cfg = GRPOConfig(
+        output_dir=str(out_dir),
+        num_generations=cfg.num_generations,
+        sigma=cfg.sigma,
+        reward=cfg.reward,
+        advantage=cfg.advantage,
+        advantage_batch=cfg.advantage_batch,
+        epsilon=cfg.epsilon,
+        epsilon_high=cfg.epsilon_high,
+        num_iterations=cfg.num_iterations,
+        beta=cfg.beta,
+        include_clean_in_loss=cfg.include_clean_in_loss,
+        trainable=cfg.trainable,
+        prompts_per_step=min(cfg.prompts_per_step, len(train)),
+        micro_batch_prompts=cfg.grpo_micro_batch_prompts,
+        lr=cfg.grpo_lr,
+        warmup_steps=cfg.grpo_warmup_steps,
+        optimizer=cfg.optim,
+        epochs=cfg.grpo_epochs,
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        resume=cfg.resume,
+    )
+    return GRPOTrainer(model, grpo_cfg, train).train()
+
+
+def evaluate_models(
+    cfg: RunConfig, dataset: Any, models: dict[str, Any], out: Path
+) -> list[dict[str, Any]]:
+    """Evaluate each model under each length penalty; write predictions; return records."""
+    from ..eval import evaluate
+    from ..eval.report import scoring_name
+
+    records = []
+    for stage, model in models.items():
+        for lp in cfg.length_penalty:
+            scoring = scoring_name(lp)
+            res = evaluate(
+                model,
+                dataset,
+                split="test",
+                num_beams=cfg.num_beams,
+                length_penalty=lp,
+                rank=cfg.rank,
+                max_samples=cfg.max_eval_samples,
+                batch_size=cfg.eval_batch_size,
+                prompt_builder=prompt_builder(cfg, model, dataset),
+                predictions_path=out / f"predictions-{stage}-{scoring}.jsonl",
+            )
+            rec = {"model": MODEL_NAMES.get(stage, stage), "stage": stage, "scoring": scoring}
+            rec["length_penalty"] = lp
+            rec.update(res.metrics)
+            records.append(rec)
+    return records
+
+
+def popularity_baseline(dataset: Any, max_samples: int | None) -> dict[str, Any]:
+    """HR/NDCG of ranking items by train popularity (a sanity floor for every model)."""
+    from ..eval import metrics_from_ranks
+
+    order = sorted(range(len(dataset.popularity)), key=lambda i: -int(dataset.popularity[i]))
+    titles = dataset.items.titles
+    top_titles = []
+    for i in order:  # distinct titles, in popularity order
+        if titles[i] not in top_titles:
+            top_titles.append(titles[i])
+        if len(top_titles) == 20:
+            break
+    ranks = []
+    for s in dataset.test[:max_samples]:
+        ranks.append(top_titles.index(s.target_title) if s.target_title in top_titles else None)
+    rec = {"model": "popularity", "stage": "popularity", "scoring": "-"}
+    rec.update(metrics_from_ranks(ranks))
+    return rec
+
+
+def merge_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Collect every stage's JSON-lines log into ``train_log.jsonl`` (with a "stage" key)."""
+    from ..eval.report import read_jsonl
+
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for stage in stages:
+        recs = []
+        for path in sorted((out / stage).glob("*log*.jsonl")):
+            recs += read_jsonl(path)
+        if recs:
+            logs[stage] = recs
+    with (out / "train_log.jsonl").open("w", encoding="utf-8") as f:
+        for stage, recs in logs.items():
+            for r in recs:
+                f.write(json.dumps({"stage": stage, **r}) + "\n")
+    return logs
+
+
+# ----------------------------------------------------------------------------- main flow
+def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
+    """Run the configured stages; returns the evaluation records (empty without eval)."""
+    from ..eval.report import group_gain_table, make_plots, results_table, write_report
+
+    rank, world = init_distributed()
+    say = print_fn if rank == 0 else (lambda *a, **k: None)
+    out = prepare_output_dir(cfg, rank)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dataset = load_data(cfg)
+    timings["data"] = time.perf_counter() - t0
+    say(
+        f"data: {dataset.name} ({len(dataset.train)}/{len(dataset.valid)}/{len(dataset.test)} "
+        f"train/valid/test rows, {len(dataset.items)} items)"
+    )
+    stages = ["sft", "grpo", "eval"] if cfg.stage == "all" else [cfg.stage]
+    models: dict[str, Any] = {}
+    tokenizer = None
+
+    if "sft" in stages:
+        t = time.perf_counter()
+        model = build_model(cfg, dataset, cfg.num_latent)
+        tokenizer = model.tokenizer
+        say(f"SFT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        run_sft(cfg, model, dataset, out / "sft")
+        save_stage_model(model, out, "sft", rank)
+        models["sft"] = model
+        timings["sft"] = time.perf_counter() - t
+        if cfg.stage == "all" and cfg.baseline and cfg.num_latent > 0:
+            t = time.perf_counter()
+            base = build_model(cfg, dataset, 0, tokenizer=_fresh_tokenizer(tokenizer))
+            say("SFT of the 'w/o reasoning' baseline (num_latent=0, same budget)")
+            run_sft(cfg, base, dataset, out / "sft_baseline")
+            save_stage_model(base, out, "sft_baseline", rank)
+            models["sft_baseline"] = base
+            timings["sft_baseline"] = time.perf_counter() - t
+        barrier()
+
+    if "grpo" in stages:
+        t = time.perf_counter()
+        if "sft" in models:
+            # GRPO trains this object in place: evaluate "SFT only" from its saved copy
+            model = load_stage_model(cfg, out, "sft")
+        else:
+            model = (
+                load_stage_model(cfg, out, "sft")
+                if cfg.model is None or (out / "sft" / "model").is_dir()
+                else build_model(cfg, dataset, cfg.num_latent)
+            )
+        run_grpo(cfg, model, dataset, out / "grpo")
+        save_stage_model(model, out, "grpo", rank)
+        models["grpo"] = model
+        timings["grpo"] = time.perf_counter() - t
+        barrier()
+
+    records: list[dict[str, Any]] = []
+    if "eval" in stages and rank == 0:
+        t = time.perf_counter()
+        to_eval: dict[str, Any] = {}
+        for stage in ("sft_baseline", "sft", "grpo"):
+            if stage in models:
+                to_eval[stage] = models[stage]
+            elif (out / stage / "model").is_dir():
+                to_eval[stage] = load_stage_model(cfg, out, stage)
+        if not to_eval:
+            raise ConfigError(
+                f"--stage eval: no trained model in {out} (expected sft/model or grpo/model)"
+            )
+        records = evaluate_models(cfg, dataset, to_eval, out)
+        records.append(popularity_baseline(dataset, cfg.max_eval_samples))
+        timings["eval"] = time.perf_counter() - t
+        (out / "metrics.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
+        logs = merge_logs(out, ["sft", "sft_baseline", "grpo"])
+        gains = group_gain_table(records, "w/o reasoning", "LatentR3") if "grpo" in to_eval else []
+        plots, note = make_plots(out, logs, [r for r in records if r["stage"] != "popularity"])
+        timings["total"] = time.perf_counter() - t0
+        write_report(
+            out / "report.md",
+            records,
+            timings,
+            dataclasses.asdict(cfg),
+            gains=gains,
+            plots=plots,
+            notes=[note] if note else [],
+        )
+        say("")
+        say(results_table(records))
+        say(f"\nresults, predictions and report.md in {out} ({timings['total']:.0f} s)")
+    return records
+
+
+def _fresh_tokenizer(tokenizer: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(tokenizer)
