@@ -1,1 +1,25 @@
-"""latentr3_fast.ops"""
+"""Fused ops. Each public function dispatches to a Triton kernel (``latentr3_fast.kernels``) on
+CUDA or to the torch implementation beside it (``LATENTR3_KERNELS=triton|torch`` forces one).
+"""
+
+from __future__ import annotations
+
+from ._dispatch import select_backend, triton_available
+from .advantage import grpo_advantage
+from .expand import gaussian_expand, gaussian_expand_torch
+from .logprob import fused_linear_logprob, fused_linear_logprob_torch, naive_linear_logprob
+from .reward import mean_logprob, perplexity_reward_from_hidden, ppl_reward
+
+__all__ = [
+    "fused_linear_logprob",
+    "fused_linear_logprob_torch",
+    "gaussian_expand",
+    "gaussian_expand_torch",
+    "grpo_advantage",
+    "mean_logprob",
+    "naive_linear_logprob",
+    "perplexity_reward_from_hidden",
+    "ppl_reward",
+    "select_backend",
+    "triton_available",
+]
