@@ -1,1 +1,18 @@
-"""latentr3_fast.decode"""
+"""latentr3_fast.decode: the item trie (C++ core) and catalogue-constrained decoding."""
+
+from __future__ import annotations
+
+from .beam import BeamResult, beam_search, exact_rank, resolve_backend
+from .recommend import catalogue_trie, recommend
+from .trie import DeviceTrie, ItemTrie
+
+__all__ = [
+    "BeamResult",
+    "DeviceTrie",
+    "ItemTrie",
+    "beam_search",
+    "catalogue_trie",
+    "exact_rank",
+    "recommend",
+    "resolve_backend",
+]

@@ -1,0 +1,164 @@
+"""Serving helpers: the cached catalogue trie and ``recommend`` (top-k items per user).
+
+``recommend(reasoner, histories, k, catalog=...)`` is meant to be bound as
+``LatentReasoner.recommend`` by the model layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from latentr3_fast.errors import ConfigError, DataError
+
+from .beam import BeamResult, beam_search, exact_rank
+from .trie import ItemTrie
+
+__all__ = ["catalogue_trie", "default_prompt_builder", "rank_batch", "recommend"]
+
+_TRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def catalogue_trie(catalog: Any, prompt_builder: Any) -> ItemTrie:
+    """The trie of ``catalog``'s target strings, built once per (catalogue, tokenizer).
+
+    The cache lives as long as the catalogue object; a tokenizer that grew (new tokens)
+    or a different target format gets a new trie.
+    """
+    tok = prompt_builder.tokenizer
+    key = (id(tok), len(tok), type(prompt_builder).__name__, prompt_builder.target_text("x"))
+    try:
+        per_cat = _TRIES.setdefault(catalog, {})
+    except TypeError:  # not weak-referenceable: build without caching
+        return ItemTrie.from_catalog(catalog, prompt_builder)
+    trie = per_cat.get(key)
+    if trie is None:
+        trie = per_cat[key] = ItemTrie.from_catalog(catalog, prompt_builder)
+    return trie
+
+
+def default_prompt_builder(reasoner: Any, category: str, template: str = "reference") -> Any:
+    """PromptBuilder on the reasoner's tokenizer with its number of latent slots."""
+    from latentr3_fast.data import PromptBuilder
+
+    return PromptBuilder(
+        reasoner.tokenizer, category, template=template, num_latent=reasoner.num_latent
+    )
+
+
+def rank_batch(
+    reasoner: Any,
+    encoded: Sequence[Any],
+    trie: ItemTrie,
+    *,
+    k: int,
+    num_beams: int,
+    length_penalty: float,
+    rank: str = "beam",
+    backend: str = "auto",
+    max_new_tokens: int = 128,
+) -> BeamResult:
+    """Ranks the catalogue for a batch of EncodedSamples (prompt ids; targets unused)."""
+    from latentr3_fast.data import collate
+
+    pad = reasoner.tokenizer.pad_token_id
+    batch = collate(list(encoded), pad).to(reasoner.device)
+    if rank == "beam":
+        return beam_search(
+            reasoner,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            trie,
+            num_beams=num_beams,
+            num_return=min(k, num_beams),
+            length_penalty=length_penalty,
+            max_new_tokens=max_new_tokens,
+            backend=backend,
+        )
+    if rank == "exact":
+        return exact_rank(
+            reasoner, batch.prompt_ids, batch.prompt_mask, trie, length_penalty, top_k=k
+        )
+    raise ConfigError(f"rank={rank!r}: expected 'beam' or 'exact'")
+
+
+@torch.no_grad()
+def recommend(
+    reasoner: Any,
+    histories: Sequence[Sequence[str] | Sequence[int]],
+    k: int = 10,
+    *,
+    catalog: Any,
+    category: str | None = None,
+    num_beams: int | None = None,
+    length_penalty: float = 0.0,
+    rank: str = "beam",
+    batch_size: int = 16,
+    prompt_builder: Any = None,
+    backend: str = "auto",
+) -> list[list[dict[str, Any]]]:
+    """Top-k catalogue items per user from raw history titles (or item ids).
+
+    Args:
+        reasoner: a LatentReasoner.
+        histories: per user, the history (oldest first) as titles, or as item ids of
+            ``catalog``.
+        k: items per user. With beam search ``num_beams`` defaults to ``max(k, 10)``.
+        catalog: an ItemCatalog or a RecDataset (then ``category`` defaults to its category).
+        category: the category word/name used in the prompt.
+        length_penalty: 0.0 (D3) or 1.0 (BIGRec).
+        rank: ``"beam"`` or ``"exact"`` (full-catalogue scoring).
+    Returns:
+        per user a list of ``{"item_ids": [...], "title": str, "score": float}``, best first
+        (one entry per distinct title; items sharing a title are listed together).
+    """
+    from latentr3_fast.data import Sample
+
+    items = getattr(catalog, "items", catalog)
+    if category is None:
+        category = getattr(catalog, "category", None)
+    if prompt_builder is None:
+        if category is None:
+            raise ConfigError("recommend: pass category= (or a RecDataset as catalog)")
+        prompt_builder = default_prompt_builder(reasoner, category)
+    if k < 1:
+        raise ConfigError(f"recommend: k={k} must be >= 1")
+    beams = max(k, 10) if num_beams is None else int(num_beams)
+    trie = catalogue_trie(items, prompt_builder)
+    out: list[list[dict[str, Any]]] = []
+    titles_all = list(items.titles)
+    for a in range(0, len(histories), batch_size):
+        encoded = []
+        for u, hist in enumerate(histories[a : a + batch_size], start=a):
+            titles = []
+            for h in hist:
+                if isinstance(h, str):
+                    titles.append(h)
+                elif isinstance(h, int) and 0 <= h < len(titles_all):
+                    titles.append(titles_all[h])
+                else:
+                    raise DataError(f"histories[{u}]: {h!r} is neither a title nor an item id")
+            # a dummy target: encode() then left-truncates the prompt exactly as in training
+            encoded.append(prompt_builder.encode(Sample((), tuple(titles), 0, "")))
+        res = rank_batch(
+            reasoner,
+            encoded,
+            trie,
+            k=k,
+            num_beams=beams,
+            length_penalty=length_penalty,
+            rank=rank,
+            backend=backend,
+        )
+        scores = res.scores.float().cpu().tolist()
+        for row in range(len(encoded)):
+            recs = []
+            for j, ids in enumerate(res.item_ids[row][:k]):
+                if not ids:
+                    continue
+                recs.append({"item_ids": ids, "title": titles_all[ids[0]], "score": scores[row][j]})
+            out.append(recs)
+    return out

@@ -1,0 +1,165 @@
+"""Top-K metrics as in SPEC section 6 (pure functions over ranks and titles).
+
+* A prediction hits if its title equals the target's after stripping spaces, newlines and
+  quotes at both ends; the rank is the 0-based position of the first hit (None: no hit).
+* HR@K = mean over ALL rows of [rank < K]; NDCG@K = mean of [rank < K] / log2(rank + 2).
+* Popularity groups: items ranked by train-target frequency; the top ``top_fraction`` of
+  items are "popular", the rest "unpopular"; test rows are grouped by their target item.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from latentr3_fast.errors import DataError
+
+__all__ = [
+    "DEFAULT_KS",
+    "first_hit_rank",
+    "group_metrics",
+    "metrics_from_ranks",
+    "normalize_title",
+    "out_of_catalogue_count",
+    "popularity_groups",
+    "relative_gain",
+]
+
+DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
+_STRIP = " \t\r\n\"'"
+
+
+def normalize_title(title: str) -> str:
+    """Title for matching: spaces, newlines and quotes removed at both ends."""
+    return title.strip(_STRIP)
+
+
+def first_hit_rank(predicted_titles: Sequence[str], target_title: str) -> int | None:
+    """0-based position of the first prediction matching the target (None if none does)."""
+    target = normalize_title(target_title)
+    for i, title in enumerate(predicted_titles):
+        if normalize_title(title) == target:
+            return i
+    return None
+
+
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise DataError(f"ks: every K must be a positive int, got {k!r}")
+    return ks
+
+
+def _rank_array(ranks: Iterable[int | None]) -> np.ndarray:
+    """Ranks as float64 with +inf for a miss."""
+    out = []
+    for i, r in enumerate(ranks):
+        if r is None:
+            out.append(math.inf)
+        elif isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+            raise DataError(f"ranks[{i}]: expected a 0-based int rank or None, got {r!r}")
+        else:
+            out.append(float(r))
+    return np.asarray(out, dtype=np.float64)
+
+
+def metrics_from_ranks(
+    ranks: Iterable[int | None], ks: Iterable[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """HR@K and NDCG@K over all rows.
+
+    Args:
+        ranks: per row the 0-based rank of the first hit, or None for a miss.
+        ks: cut-offs.
+    Returns:
+        ``{"HR@K": ..., "NDCG@K": ..., "n": rows}`` (values NaN when there are no rows).
+    """
+    ks = _check_ks(ks)
+    r = _rank_array(ranks)
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = r < k
+        if len(r) == 0:
+            out[f"HR@{k}"] = out[f"NDCG@{k}"] = math.nan
+            continue
+        gain = np.where(hit, 1.0 / np.log2(np.where(hit, r, 0.0) + 2.0), 0.0)
+        out[f"HR@{k}"] = float(hit.mean())
+        out[f"NDCG@{k}"] = float(gain.mean())
+    out["n"] = len(r)
+    return out
+
+
+def popularity_groups(popularity_counts: Any, top_fraction: float = 0.2) -> np.ndarray:
+    """[num_items] bool, True for the ``ceil(top_fraction * num_items)`` most frequent items.
+
+    Ties in frequency are broken by the smaller item id (stable order).
+    """
+    counts = np.asarray(popularity_counts)
+    if counts.ndim != 1:
+        raise DataError(f"popularity_counts: expected 1-D, got shape {counts.shape}")
+    if not 0.0 <= top_fraction <= 1.0:
+        raise DataError(f"top_fraction must lie in [0, 1], got {top_fraction}")
+    n = len(counts)
+    n_pop = min(n, math.ceil(top_fraction * n - 1e-9))
+    order = np.argsort(-counts.astype(np.float64), kind="stable")
+    popular = np.zeros(n, dtype=bool)
+    popular[order[:n_pop]] = True
+    return popular
+
+
+def group_metrics(
+    ranks: Sequence[int | None],
+    target_ids: Sequence[int],
+    is_popular: Any,
+    ks: Iterable[int] = DEFAULT_KS,
+) -> dict[str, dict[str, float]]:
+    """Metrics for all rows and per popularity group of the row's target item.
+
+    Returns ``{"all": m, "popular": m, "unpopular": m}`` with ``m`` as in metrics_from_ranks.
+    """
+    ks = _check_ks(ks)
+    if len(ranks) != len(target_ids):
+        raise DataError(f"ranks has {len(ranks)} rows but target_ids has {len(target_ids)}")
+    pop = np.asarray(is_popular, dtype=bool)
+    tid = np.asarray(target_ids, dtype=np.int64)
+    if len(tid) and (tid.min() < 0 or tid.max() >= len(pop)):
+        bad = int(tid[(tid < 0) | (tid >= len(pop))][0])
+        raise DataError(f"target_ids: item id {bad} is outside is_popular [0, {len(pop)})")
+    row_pop = pop[tid] if len(tid) else np.zeros(0, dtype=bool)
+    ranks = list(ranks)
+    return {
+        "all": metrics_from_ranks(ranks, ks),
+        "popular": metrics_from_ranks([r for r, p in zip(ranks, row_pop) if p], ks),
+        "unpopular": metrics_from_ranks([r for r, p in zip(ranks, row_pop) if not p], ks),
+    }
+
+
+def relative_gain(new: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """(new - base) / base for every metric both have (nested dicts, e.g. per group, recurse).
+
+    The row count ``n`` is skipped; a zero base gives +inf (or NaN when new is 0 too).
+    """
+    out: dict[str, Any] = {}
+    for key, b in base.items():
+        if key == "n" or key not in new:
+            continue
+        a = new[key]
+        if isinstance(b, Mapping):
+            out[key] = relative_gain(a, b)
+        elif b == 0:
+            out[key] = math.nan if a == 0 else math.copysign(math.inf, a)
+        else:
+            out[key] = (a - b) / b
+    return out
+
+
+def out_of_catalogue_count(
+    predicted_titles: Iterable[Sequence[str]], catalogue_titles: Iterable[str]
+) -> int:
+    """Number of predicted titles (over all rows) that match no catalogue title."""
+    known = {normalize_title(t) for t in catalogue_titles}
+    return sum(normalize_title(t) not in known for row in predicted_titles for t in row)

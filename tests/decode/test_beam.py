@@ -1,0 +1,206 @@
+"""Constrained beam search: parity with HF generate, host == device, exact ranking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from latentr3_fast.decode import beam_search, exact_rank, resolve_backend
+from latentr3_fast.errors import ConfigError
+
+
+def hf_generate(setup, batch, num_beams, lp, with_latent=True):
+    """Reference: HF generate + prefix_allowed_tokens_fn over a Python dict trie, with the
+    latent in the thought slot via inputs_embeds. Returns per row [(tokens, score)]."""
+    m, eos, dtrie = setup["model"], setup["tok"].eos_token_id, setup["dict"]
+    with torch.no_grad():
+        emb = m.embed(batch.prompt_ids)
+        mask = batch.prompt_mask
+        if with_latent:
+            hidden, cache = m.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+            r = m.latents(hidden, batch.prompt_mask, cache)
+            emb = torch.cat([emb, r.to(emb.dtype)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = m.backbone.generate(
+            inputs_embeds=emb,
+            attention_mask=mask,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            length_penalty=lp,
+            early_stopping="never",
+            prefix_allowed_tokens_fn=lambda _b, ids: dtrie.allowed(ids.tolist(), eos),
+            max_new_tokens=setup["trie"].max_depth,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_scores=True,
+            pad_token_id=eos,
+            eos_token_id=eos,
+        )
+    rows = []
+    for b in range(len(batch)):
+        hyps = []
+        for j in range(num_beams):
+            seq = out.sequences[b * num_beams + j].tolist()
+            seq = seq[: seq.index(eos) + 1] if eos in seq else seq
+            score = float(out.sequences_scores[b * num_beams + j])
+            if score > -1e8:  # HF placeholder beams (DESIGN.md, measured pitfalls)
+                hyps.append((seq, score))
+        rows.append(hyps)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rows", "num_beams", "lp", "with_latent"),
+    [
+        ([0], 4, 0.0, True),
+        ([1, 2, 3], 5, 0.0, True),
+        ([4, 7, 9, 12, 19], 6, 1.0, True),
+        ([5, 6], 3, 1.0, True),
+        ([8, 10, 11], 5, 0.0, False),
+        ([13, 16], 4, 1.0, False),
+    ],
+)
+def test_parity_with_hf_generate(tiny_setup, batch_of, rows, num_beams, lp, with_latent):
+    batch = batch_of(rows)
+    if len(rows) > 1:  # prompts of different lengths: left padding is exercised
+        assert len(set(batch.prompt_mask.sum(1).tolist())) > 1
+    ref = hf_generate(tiny_setup, batch, num_beams, lp, with_latent)
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    latents = None if with_latent else torch.zeros(len(rows), 0, m.hidden_size)
+    ours = beam_search(
+        m, batch.prompt_ids, batch.prompt_mask, trie, num_beams, length_penalty=lp, latents=latents
+    )
+    seqs = ours.sequences(trie)
+    for b, hyps in enumerate(ref):
+        n = len(hyps)
+        assert n == int(torch.isfinite(ours.scores[b]).sum())
+        assert [h[0] for h in hyps] == seqs[b][:n]
+        want = torch.tensor([h[1] for h in hyps])
+        torch.testing.assert_close(ours.scores[b, :n], want, atol=1e-5, rtol=1e-6)
+        # scores follow SPEC: sum(logp) / len ** lp, len counts new tokens incl. EOS
+        lens = torch.tensor([len(h[0]) for h in hyps])
+        assert ours.lengths[b, :n].tolist() == lens.tolist()
+        torch.testing.assert_close(ours.sum_logp[b, :n] / lens.float() ** lp, ours.scores[b, :n])
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_host_and_device_backends_identical(tiny_setup, batch_of, lp):
+    batch = batch_of([0, 3, 5, 9])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    a = beam_search(
+        m, batch.prompt_ids, batch.prompt_mask, trie, 6, length_penalty=lp, backend="host"
+    )
+    b = beam_search(
+        m, batch.prompt_ids, batch.prompt_mask, trie, 6, length_penalty=lp, backend="device"
+    )
+    assert torch.equal(a.states, b.states) and torch.equal(a.scores, b.scores)
+    assert a.item_ids == b.item_ids and a.titles == b.titles
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_exhaustive_beam_equals_exact_ranking(tiny_setup, batch_of, lp):
+    """With more beams than trie nodes nothing is pruned: beam search = exact ranking."""
+    batch = batch_of([2, 6])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    k = trie.num_nodes
+    beam = beam_search(m, batch.prompt_ids, batch.prompt_mask, trie, k, length_penalty=lp)
+    ex = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=lp, max_rows=64)
+    n_term = ex.states.shape[1]
+    assert n_term == len(
+        {tuple(tiny_setup["pb"].target_ids(t)) for t in tiny_setup["ds"].items.titles}
+    )
+    assert torch.equal(beam.states[:, :n_term], ex.states)
+    assert torch.isinf(beam.scores[:, n_term:]).all()
+    torch.testing.assert_close(beam.scores[:, :n_term], ex.scores, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_exact_scores_of_beam_items(tiny_setup, batch_of, lp):
+    batch = batch_of([1, 4, 7])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    beam = beam_search(m, batch.prompt_ids, batch.prompt_mask, trie, 5, length_penalty=lp)
+    ex = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=lp)
+    for b in range(len(batch)):
+        by_state = dict(zip(ex.states[b].tolist(), ex.scores[b].tolist()))
+        for s, sc in zip(beam.states[b].tolist(), beam.scores[b].tolist()):
+            assert math.isclose(by_state[s], sc, rel_tol=1e-6, abs_tol=1e-5)
+        assert ex.scores[b, 0] >= beam.scores[b, 0] - 1e-5
+        assert torch.all(ex.scores[b, :-1] >= ex.scores[b, 1:])  # sorted
+    # every catalogue item is ranked exactly once (duplicate titles share one entry)
+    all_ids = sorted(i for ids in ex.item_ids[0] for i in ids)
+    assert all_ids == list(range(trie.num_items))
+    top = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=lp, top_k=3)
+    assert torch.equal(top.states, ex.states[:, :3])
+
+
+def test_results_shape_items_titles(tiny_setup, batch_of):
+    batch = batch_of([0, 1])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    res = beam_search(m, batch.prompt_ids, batch.prompt_mask, trie, 6, num_return=3)
+    assert res.states.shape == res.scores.shape == (2, 3)
+    titles = tiny_setup["ds"].items.titles
+    for b in range(2):
+        assert torch.all(res.scores[b, :-1] >= res.scores[b, 1:])
+        for ids, title, seq in zip(res.item_ids[b], res.titles[b], res.sequences(trie)[b]):
+            assert ids and all(titles[i] == title for i in ids)
+            assert seq == tiny_setup["pb"].target_ids(title)
+
+
+def test_max_new_tokens_cuts_every_hypothesis(tiny_setup, batch_of):
+    batch = batch_of([0])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    shortest = min(len(tiny_setup["pb"].target_ids(t)) for t in tiny_setup["ds"].items.titles)
+    res = beam_search(m, batch.prompt_ids, batch.prompt_mask, trie, 4, max_new_tokens=shortest - 1)
+    assert (res.states == -1).all() and torch.isinf(res.scores).all()
+    assert res.item_ids == [[[], [], [], []]]
+
+
+def test_bad_arguments(tiny_setup, batch_of):
+    batch = batch_of([0])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    args = (m, batch.prompt_ids, batch.prompt_mask, trie)
+    with pytest.raises(ConfigError, match="num_beams"):
+        beam_search(*args, num_beams=0)
+    with pytest.raises(ConfigError, match="num_return"):
+        beam_search(*args, num_beams=2, num_return=3)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        beam_search(*args, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="backend"):
+        beam_search(*args, backend="gpu")
+    assert resolve_backend("auto", torch.device("cpu")) == "host"
+    assert resolve_backend("auto", torch.device("cuda")) == "device"
+
+
+@pytest.mark.parametrize("max_rows", [1, 5, 40])
+def test_exact_rank_chunking_does_not_change_the_ranking(tiny_setup, batch_of, max_rows):
+    """Small budgets split subtrees (down to single paths); the ranking must not change."""
+    batch = batch_of([1, 2, 3])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    ref = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, max_rows=10**6)
+    got = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, max_rows=max_rows)
+    assert torch.equal(got.states, ref.states)
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_token_logprobs_dense_and_fused_agree(shared, with_bias):
+    """Both log-prob paths equal log_softmax(h W^T + b) gathered at the allowed tokens."""
+    from latentr3_fast.decode.beam import _token_logprobs
+
+    g = torch.Generator().manual_seed(3)
+    r, v, d, w = 7, 1000, 24, 5
+    h = torch.randn(r, d, generator=g)
+    weight = torch.randn(v, d, generator=g)
+    bias = torch.randn(v, generator=g) if with_bias else None
+    tok = torch.randint(0, v, (1 if shared else r, w), generator=g).expand(r, w).clone()
+    tok[2, 3:] = -1  # padding
+    ref = torch.log_softmax(h @ weight.T + (0 if bias is None else bias), -1)
+    want = ref.gather(1, tok.clamp(min=0)).masked_fill(tok < 0, float("-inf"))
+    for impl in ("dense", "fused"):
+        got = _token_logprobs(h, weight, bias, tok, shared=shared, impl=impl, max_elems=3000)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="impl"):
+        _token_logprobs(h, weight, bias, tok, impl="sparse")

@@ -1,0 +1,133 @@
+"""evaluate(): metrics agree with the per-row predictions; beam vs exact; JSONL output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from latentr3_fast.data import PromptBuilder
+from latentr3_fast.decode import catalogue_trie
+from latentr3_fast.errors import ConfigError
+from latentr3_fast.eval import (
+    evaluate,
+    first_hit_rank,
+    metrics_from_ranks,
+    popularity_groups,
+)
+
+
+def short_pb(model, ds):
+    return PromptBuilder(model.tokenizer, ds.category, num_latent=1, max_length=90)
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_beam_evaluate_metrics_match_predictions(tiny_eval, tmp_path, lp):
+    ds, model = tiny_eval
+    model.train()
+    path = tmp_path / "pred.jsonl"
+    res = evaluate(
+        model,
+        ds,
+        "test",
+        num_beams=4,
+        length_penalty=lp,
+        max_samples=9,
+        batch_size=4,
+        prompt_builder=short_pb(model, ds),
+        predictions_path=path,
+        progress=False,
+    )
+    assert model.training  # mode restored
+    m, rows = res.metrics, res.predictions
+    assert m["n"] == 9 and [r["row"] for r in rows] == list(range(9))
+    titles = ds.items.titles
+    for r, s in zip(rows, ds.test[:9]):
+        assert r["target_id"] == s.target_id and r["target_title"] == s.target_title
+        assert 1 <= len(r["pred_titles"]) <= 4
+        assert r["rank"] == first_hit_rank(r["pred_titles"], s.target_title)
+        assert all(
+            titles[i] == t for ids, t in zip(r["pred_item_ids"], r["pred_titles"]) for i in ids
+        )
+        assert r["scores"] == sorted(r["scores"], reverse=True)
+    want = metrics_from_ranks([r["rank"] for r in rows])
+    for key, v in want.items():
+        assert m[key] == pytest.approx(v)
+    # K beyond the returned beams cannot be reached; reported honestly
+    assert m["ks_beyond_returned"] == [5, 10, 20]
+    assert m["HR@5"] == m["HR@10"] == m["HR@20"] and m["NDCG@5"] == m["NDCG@20"]
+    assert m["out_of_catalogue"] == 0
+    pop = popularity_groups(ds.popularity)
+    n_pop = sum(bool(pop[r["target_id"]]) for r in rows)
+    assert m["groups"]["popular"]["n"] == n_pop and m["groups"]["unpopular"]["n"] == 9 - n_pop
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines == json.loads(json.dumps(rows))
+
+
+def test_exact_evaluate_ranks_whole_catalogue(tiny_eval):
+    ds, model = tiny_eval
+    pb = short_pb(model, ds)
+    ex = evaluate(
+        model,
+        ds,
+        "valid",
+        rank="exact",
+        max_samples=6,
+        batch_size=3,
+        prompt_builder=pb,
+        progress=False,
+    )
+    beam = evaluate(
+        model,
+        ds,
+        "valid",
+        num_beams=3,
+        max_samples=6,
+        batch_size=3,
+        prompt_builder=pb,
+        progress=False,
+    )
+    assert ex.metrics["ks_beyond_returned"] == []
+    n_titles = len(set(ds.items.titles))
+    for r_ex, r_b in zip(ex.predictions, beam.predictions):
+        assert len(r_ex["pred_titles"]) == min(20, n_titles)
+        # the exact list starts with a score at least the beam's best
+        assert r_ex["scores"][0] >= r_b["scores"][0] - 1e-5
+    # beam search with enough beams finds the exact top-1 on this tiny catalogue
+    beam_all = evaluate(
+        model,
+        ds,
+        "valid",
+        num_beams=40,
+        max_samples=6,
+        batch_size=3,
+        prompt_builder=pb,
+        progress=False,
+    )
+    for r_ex, r_b in zip(ex.predictions, beam_all.predictions):
+        assert r_ex["pred_titles"][:5] == r_b["pred_titles"][:5]
+        np.testing.assert_allclose(r_ex["scores"][:5], r_b["scores"][:5], rtol=1e-6, atol=1e-5)
+
+
+def test_trie_is_cached_per_catalogue(tiny_eval):
+    ds, model = tiny_eval
+    pb = short_pb(model, ds)
+    assert catalogue_trie(ds.items, pb) is catalogue_trie(ds.items, pb)
+
+
+def test_evaluate_bad_arguments(tiny_eval):
+    ds, model = tiny_eval
+    with pytest.raises(ConfigError, match="rank"):
+        evaluate(model, ds, rank="greedy", progress=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        evaluate(model, ds, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="split"):
+        evaluate(model, ds, split="dev", progress=False)
+
+
+def test_empty_split_gives_nan_metrics(tiny_eval):
+    ds, model = tiny_eval
+    res = evaluate(model, ds, max_samples=0, progress=False)
+    assert res.metrics["n"] == 0 and math.isnan(res.metrics["HR@10"])

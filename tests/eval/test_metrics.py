@@ -1,0 +1,113 @@
+"""Metrics (SPEC section 6) against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from latentr3_fast.errors import DataError
+from latentr3_fast.eval import (
+    first_hit_rank,
+    group_metrics,
+    metrics_from_ranks,
+    normalize_title,
+    out_of_catalogue_count,
+    popularity_groups,
+    relative_gain,
+)
+
+
+def test_metrics_hand_computed():
+    # ranks: 0, 2, None, 4, 9, 12
+    m = metrics_from_ranks([0, 2, None, 4, 9, 12])
+    n = 6
+    assert m["n"] == n
+    assert m["HR@1"] == pytest.approx(1 / n)
+    assert m["HR@3"] == pytest.approx(2 / n)
+    assert m["HR@5"] == pytest.approx(3 / n)
+    assert m["HR@10"] == pytest.approx(4 / n)
+    assert m["HR@20"] == pytest.approx(5 / n)
+    assert m["NDCG@1"] == pytest.approx(1 / n)
+    assert m["NDCG@3"] == pytest.approx((1 + 0.5) / n)  # log2(4) = 2
+    ndcg5 = 1 + 0.5 + 1 / math.log2(6)
+    assert m["NDCG@5"] == pytest.approx(ndcg5 / n)
+    ndcg10 = ndcg5 + 1 / math.log2(11)
+    assert m["NDCG@10"] == pytest.approx(ndcg10 / n)
+    assert m["NDCG@20"] == pytest.approx((ndcg10 + 1 / math.log2(14)) / n)
+
+
+def test_metrics_custom_ks_numpy_ranks_and_empty():
+    m = metrics_from_ranks(np.array([1, 1]), ks=[2])
+    assert m == {"HR@2": 1.0, "NDCG@2": pytest.approx(1 / math.log2(3)), "n": 2}
+    assert metrics_from_ranks([None, None], ks=[1])["HR@1"] == 0.0
+    e = metrics_from_ranks([], ks=[1])
+    assert e["n"] == 0 and math.isnan(e["HR@1"])
+
+
+@pytest.mark.parametrize("bad", [[-1], [1.5], [True], ["3"]])
+def test_metrics_bad_ranks(bad):
+    with pytest.raises(DataError, match=r"ranks\[0\]"):
+        metrics_from_ranks(bad)
+
+
+@pytest.mark.parametrize("ks", [[0], [2, -1], [1.0]])
+def test_metrics_bad_ks(ks):
+    with pytest.raises(DataError, match="ks"):
+        metrics_from_ranks([0], ks=ks)
+
+
+def test_title_matching():
+    assert normalize_title(' "Blue Train"\n') == "Blue Train"
+    assert normalize_title("Kind  of Blue") == "Kind  of Blue"  # inner spaces kept
+    preds = ['"A"\n', "B", ' "Target" ', "Target"]
+    assert first_hit_rank(preds, "Target") == 2
+    assert first_hit_rank(preds, '"B"\n') == 1
+    assert first_hit_rank(preds, "C") is None
+    assert first_hit_rank([], "C") is None
+
+
+def test_popularity_groups():
+    counts = np.array([5, 0, 9, 1, 9, 3, 0, 2, 7, 4])  # 10 items -> top 2 popular
+    pop = popularity_groups(counts)
+    assert np.flatnonzero(pop).tolist() == [2, 4]
+    pop3 = popularity_groups(counts, top_fraction=0.25)  # ceil(2.5) = 3; tie 9,9 then 7
+    assert np.flatnonzero(pop3).tolist() == [2, 4, 8]
+    ties = popularity_groups(np.array([1, 1, 1, 1, 1]))  # ceil(1.0) = 1; smallest id wins
+    assert np.flatnonzero(ties).tolist() == [0]
+    assert not popularity_groups(counts, 0.0).any() and popularity_groups(counts, 1.0).all()
+    with pytest.raises(DataError, match="top_fraction"):
+        popularity_groups(counts, 1.5)
+    with pytest.raises(DataError, match="1-D"):
+        popularity_groups(np.zeros((2, 2)))
+
+
+def test_group_metrics_and_relative_gain():
+    is_pop = np.array([True, False, False, True])
+    ranks = [0, None, 1, 3, 0]
+    targets = [0, 1, 2, 3, 2]
+    g = group_metrics(ranks, targets, is_pop, ks=(1, 5))
+    assert g["all"]["n"] == 5 and g["popular"]["n"] == 2 and g["unpopular"]["n"] == 3
+    assert g["popular"]["HR@1"] == pytest.approx(0.5)  # ranks 0, 3
+    assert g["popular"]["HR@5"] == pytest.approx(1.0)
+    assert g["unpopular"]["HR@1"] == pytest.approx(1 / 3)  # ranks None, 1, 0
+    assert g["unpopular"]["NDCG@5"] == pytest.approx((1 / math.log2(3) + 1) / 3)
+    base = group_metrics([1, None, None, 3, 0], targets, is_pop, ks=(1, 5))
+    gain = relative_gain(g, base)
+    assert gain["popular"]["HR@1"] == math.inf  # base 0, new 0.5
+    assert gain["popular"]["HR@5"] == pytest.approx(0.0)
+    assert gain["unpopular"]["HR@5"] == pytest.approx((2 / 3 - 1 / 3) / (1 / 3))
+    assert "n" not in gain["all"]
+    assert math.isnan(relative_gain({"HR@1": 0.0}, {"HR@1": 0.0})["HR@1"])
+    with pytest.raises(DataError, match="rows"):
+        group_metrics([0], [0, 1], is_pop)
+    with pytest.raises(DataError, match="item id 7"):
+        group_metrics([0], [7], is_pop)
+
+
+def test_out_of_catalogue_count():
+    cat = ["Blue Train", "Kind of Blue"]
+    preds = [['"Blue Train"\n', "Nope"], ["Kind of Blue", "also missing", " Blue Train "]]
+    assert out_of_catalogue_count(preds, cat) == 2
+    assert out_of_catalogue_count([], cat) == 0
