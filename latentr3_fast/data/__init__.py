@@ -1,1 +1,36 @@
-"""latentr3_fast.data"""
+"""Data layer: loaders (standard CSV layout, RecBole atomic files, raw Amazon-2018 dumps, the
+built-in synthetic catalogue), prompt building, a tiny BPE tokenizer and collation."""
+
+from .collate import Batch, EncodedSample, batch_indices, collate, iterate_batches
+from .layout import load_dataset, read_info, read_split, write_standard
+from .prompts import IGNORE_INDEX, TEMPLATES, THOUGHT_TOKEN, PromptBuilder
+from .recbole import load_recbole
+from .records import ItemCatalog, RecDataset, Sample, category_from_name, category_word
+from .synthetic import make_synthetic
+from .tokenizer import EOS_TOKEN, dataset_corpus, train_tokenizer
+
+__all__ = [
+    "Sample",
+    "ItemCatalog",
+    "RecDataset",
+    "category_word",
+    "category_from_name",
+    "load_dataset",
+    "read_info",
+    "read_split",
+    "write_standard",
+    "load_recbole",
+    "make_synthetic",
+    "PromptBuilder",
+    "THOUGHT_TOKEN",
+    "TEMPLATES",
+    "IGNORE_INDEX",
+    "EncodedSample",
+    "Batch",
+    "collate",
+    "batch_indices",
+    "iterate_batches",
+    "train_tokenizer",
+    "dataset_corpus",
+    "EOS_TOKEN",
+]

@@ -1,0 +1,360 @@
+"""The standard file layout (BIGRec / D³ / LatentR³): reading and writing.
+
+``DIR/{train,valid,test}/NAME.csv`` (or ``.csv.gz``) and ``DIR/info/NAME.txt``
+(``title<TAB>item_id`` per line, ids ``0..n-1``). CSV list columns are Python literals, parsed
+with ``ast.literal_eval`` (never ``eval``).
+
+Errors name the file, the row (1-based data row; the header is row 0) with its line number, and
+the column. Nothing is dropped silently: this loader drops nothing at all, it raises instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import io
+import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .records import ItemCatalog, RecDataset, Sample, category_from_name
+
+__all__ = [
+    "COLUMNS",
+    "REQUIRED_COLUMNS",
+    "SPLITS",
+    "load_dataset",
+    "load_standard",
+    "read_info",
+    "read_split",
+    "find_split_file",
+    "write_standard",
+]
+
+SPLITS = ("train", "valid", "test")
+COLUMNS = (
+    "user_id",
+    "item_asins",
+    "item_asin",
+    "history_item_id",
+    "item_id",
+    "history_item_title",
+    "item_title",
+    "history_rating",
+    "rating",
+    "history_timestamp",
+    "timestamp",
+)
+# What a Sample needs; the other columns may be absent or placeholders (rebuilt train files).
+REQUIRED_COLUMNS = ("history_item_id", "item_id", "history_item_title", "item_title")
+# Present but unused list columns are still checked to be well-formed literals.
+_CHECKED_LIST_COLUMNS = ("item_asins", "history_rating", "history_timestamp")
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, UTF-8 (gzip if ``.gz``); errors name the line of a bad byte."""
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    if not raw.strip():
+        raise DataError(f"{path}: empty file (row 0, no header or data)")
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")  # tolerate a UTF-8 BOM
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(
+            f"{path}: line {line}, byte column {col}: invalid UTF-8 byte 0x{raw[e.start]:02x}"
+        ) from None
+
+
+def read_info(path: str | os.PathLike) -> list[str]:
+    """Titles by id from ``info/NAME.txt`` (``title<TAB>id`` lines; ids must be 0..n-1)."""
+    path = Path(path)
+    text = _read_text(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    titles: list[str | None] = [None] * len(lines)
+    for ln, line in enumerate(lines, 1):
+        line = line.rstrip("\r")
+        title, sep, sid = line.rpartition("\t")
+        if not sep:
+            raise DataError(f"{path}: line {ln}, column item_id: expected 'title<TAB>item_id'")
+        try:
+            i = int(sid)
+        except ValueError:
+            raise DataError(
+                f"{path}: line {ln}, column item_id: {sid!r} is not an integer"
+            ) from None
+        if not 0 <= i < len(lines):
+            raise DataError(
+                f"{path}: line {ln}, column item_id: id {i} outside 0..{len(lines) - 1} "
+                f"(ids must be 0..n-1, one line each)"
+            )
+        if titles[i] is not None:
+            raise DataError(f"{path}: line {ln}, column item_id: duplicate id {i}")
+        titles[i] = title
+    return titles  # type: ignore[return-value]  # every slot filled: n distinct ids in 0..n-1
+
+
+def find_split_file(root: Path, split: str, name: str) -> Path:
+    """``root/split/name.csv`` or ``.csv.gz``; DataError naming both when neither exists."""
+    for ext in (".csv", ".csv.gz"):
+        p = root / split / f"{name}{ext}"
+        if p.is_file():
+            return p
+    raise DataError(f"{root / split / name}.csv[.gz]: missing {split} split file")
+
+
+# Fast paths that accept only strings ast.literal_eval parses to the same value (checked in
+# tests/data); anything else goes through ast.literal_eval itself. Int lists are 5x faster this
+# way, and the unused columns (asins, ratings, timestamps) need only a validity check.
+_INT_LIST = re.compile(r"\[(?:-?\d+(?:, ?-?\d+)*)?\]\Z")
+_NUM = r"(?:-?\d+(?:\.\d*)?(?:e[-+]?\d+)?|None)"
+_STR = r"'[^'\\\n]*'"
+_TRIVIAL_LIST = re.compile(rf"\[(?:{_NUM}(?:, ?{_NUM})*|{_STR}(?:, ?{_STR})*)?\]\Z")
+
+
+# A list of single-quoted strings with no quote, backslash or newline inside: the separator
+# "', '" can then only occur between elements, so splitting on it is exact.
+_PLAIN_STR_LIST = re.compile(r"\['[^'\\\n]*'(?:, '[^'\\\n]*')*\]\Z")
+
+
+def parse_str_list(s: str) -> Any:
+    """``ast.literal_eval(s)``, with a fast path for ``['a', 'b c']`` (no escapes)."""
+    if _PLAIN_STR_LIST.match(s):
+        return s[2:-2].split("', '")
+    return ast.literal_eval(s)
+
+
+def parse_int_list(s: str) -> Any:
+    """``ast.literal_eval(s)``, with a fast path for plain ``[1, 2, 3]``."""
+    if _INT_LIST.match(s):
+        body = s[1:-1]
+        return [int(x) for x in body.split(",")] if body.strip() else []
+    return ast.literal_eval(s)
+
+
+class _Literal:
+    """``ast.literal_eval`` with a cache: list columns repeat a lot (``[None, None]``, ...)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, Any] = {}
+
+    def __call__(self, s: str) -> Any:
+        v = self.cache.get(s)
+        if v is None:
+            v = ast.literal_eval(s)
+            if len(self.cache) < 100_000:
+                self.cache[s] = v
+        return v
+
+
+def read_split(path: str | os.PathLike, num_items: int) -> list[Sample]:
+    """Samples of one split CSV; raises DataError naming file, row and column on bad input."""
+    path = Path(path)
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error) as e:
+        raise DataError(f"{path}: row 0 (header): cannot parse header ({e})") from None
+    col = {c.strip(): k for k, c in enumerate(header)}
+    missing = [c for c in REQUIRED_COLUMNS if c not in col]
+    if missing:
+        raise DataError(f"{path}: row 0 (header): missing column(s) {', '.join(missing)}")
+    i_hid, i_id = col["history_item_id"], col["item_id"]
+    i_ht, i_t = col["history_item_title"], col["item_title"]
+    i_user = col.get("user_id")
+    checked = [(c, col[c]) for c in _CHECKED_LIST_COLUMNS if c in col]
+    lit = _Literal()
+    width = len(header)
+    out: list[Sample] = []
+    row_no = 0
+    blank = 0
+    column = "?"
+
+    def fail(msg: str) -> DataError:
+        return DataError(f"{path}: row {row_no} (line {reader.line_num}), column {column}: {msg}")
+
+    try:
+        for row in reader:
+            row_no += 1
+            if len(row) != width:
+                if not row:  # csv yields [] for a blank line: skip it, counted in a warning
+                    blank += 1
+                    row_no -= 1
+                    continue
+                column = "-"
+                raise fail(f"{len(row)} fields, header has {width}")
+            column = "history_item_id"
+            try:
+                hid = parse_int_list(row[i_hid])
+            except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                raise fail(f"malformed list literal {row[i_hid][:80]!r}") from None
+            if not isinstance(hid, list | tuple) or not all(type(x) is int for x in hid):
+                raise fail(f"expected a list of integers, got {row[i_hid][:80]!r}")
+            if not hid:
+                raise fail("empty history")
+            for x in hid:
+                if not 0 <= x < num_items:
+                    raise fail(f"item id {x} not in the info file (ids 0..{num_items - 1})")
+            column = "history_item_title"
+            try:
+                ht = parse_str_list(row[i_ht])
+            except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                raise fail(f"malformed list literal {row[i_ht][:80]!r}") from None
+            if not isinstance(ht, list | tuple) or not all(type(x) is str for x in ht):
+                raise fail(f"expected a list of strings, got {row[i_ht][:80]!r}")
+            if len(ht) != len(hid):
+                raise fail(f"{len(ht)} titles for {len(hid)} history ids")
+            column = "item_id"
+            try:
+                tid = int(row[i_id])
+            except ValueError:
+                raise fail(f"{row[i_id]!r} is not an integer") from None
+            if not 0 <= tid < num_items:
+                raise fail(f"item id {tid} not in the info file (ids 0..{num_items - 1})")
+            for name, k in checked:
+                column, s = name, row[k]
+                if s and s != "None" and not _TRIVIAL_LIST.match(s):
+                    try:
+                        v = lit(s)
+                    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                        raise fail(f"malformed list literal {s[:80]!r}") from None
+                    if not isinstance(v, list | tuple):
+                        raise fail(f"expected a list literal, got {s[:80]!r}")
+            user = row[i_user] if i_user is not None and row[i_user] else None
+            out.append(Sample(tuple(hid), tuple(ht), tid, row[i_t], user))
+    except csv.Error as e:
+        raise DataError(f"{path}: row {row_no + 1} (line {reader.line_num}): CSV error: {e}") from e
+    if blank:
+        warnings.warn(f"{path}: skipped {blank} blank line(s)", stacklevel=2)
+    if not out:
+        warnings.warn(f"{path}: no data rows (header only)", stacklevel=2)
+    return out
+
+
+def _dataset_name(root: Path, name: str | None) -> str:
+    info = root / "info"
+    if name is not None:
+        return name
+    if not info.is_dir():
+        raise DataError(f"{info}: missing info directory (expected {info}/NAME.txt)")
+    names = sorted(p.name[: -len(".txt")] for p in info.iterdir() if p.name.endswith(".txt"))
+    if not names:
+        raise DataError(f"{info}: no NAME.txt info file")
+    if len(names) > 1:
+        raise DataError(f"{info}: several info files {names}; pass name=")
+    return names[0]
+
+
+def load_standard(
+    root: str | os.PathLike, category: str | None = None, name: str | None = None
+) -> RecDataset:
+    """Load the standard layout under ``root`` (NAME found from ``root/info/*.txt``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected DIR/{{train,valid,test,info}})")
+    name = _dataset_name(root, name)
+    titles = read_info(root / "info" / f"{name}.txt")
+    splits = {}
+    for split in SPLITS:
+        splits[split] = read_split(find_split_file(root, split, name), len(titles))
+    # The CSV's titles are used as they are (they are what the reference trains on); say so
+    # when they disagree with the info file, since the catalogue trie uses the info titles.
+    mismatched = sum(
+        s.target_title != titles[s.target_id] for rows in splits.values() for s in rows
+    )
+    if mismatched:
+        warnings.warn(
+            f"{root}: {mismatched} target titles differ from info/{name}.txt for the same id",
+            stacklevel=2,
+        )
+    return RecDataset(
+        train=splits["train"],
+        valid=splits["valid"],
+        test=splits["test"],
+        items=ItemCatalog(titles),
+        category=category or category_from_name(name),
+        name=name,
+    )
+
+
+def load_dataset(
+    path: str | os.PathLike, category: str | None = None, *, name: str | None = None
+) -> RecDataset:
+    """Load a dataset.
+
+    ``path`` is one of:
+      * a directory in the standard layout (``DIR/{train,valid,test}/NAME.csv[.gz]`` +
+        ``DIR/info/NAME.txt``; ``name`` picks NAME when ``info/`` holds several),
+      * ``"recbole:DIR/NAME"``: RecBole atomic files ``DIR/NAME.inter`` + ``DIR/NAME.item``,
+      * ``"synthetic"`` (or ``"synthetic:SEED"``): the built-in synthetic catalogue.
+
+    ``category`` defaults to the name without its ``_<k>_<window>`` suffix
+    (``CDs_and_Vinyl_5_2015-10-2018-11`` -> ``CDs_and_Vinyl``).
+    """
+    spec = os.fspath(path)
+    if spec.startswith("recbole:"):
+        from .recbole import load_recbole
+
+        p = Path(spec[len("recbole:") :])
+        return load_recbole(p.parent, p.name, category=category)
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from .synthetic import make_synthetic
+
+        seed = spec.partition(":")[2]
+        try:
+            ds = make_synthetic(seed=int(seed) if seed else 0)
+        except ValueError:
+            raise DataError(f"{spec!r}: expected 'synthetic' or 'synthetic:<int seed>'") from None
+        if category:
+            ds.category = category
+        return ds
+    return load_standard(spec, category=category, name=name)
+
+
+def _fmt_list(values: Iterable[Any]) -> str:
+    return repr(list(values))
+
+
+def write_standard(
+    root: str | os.PathLike,
+    name: str,
+    titles: Sequence[str],
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+) -> Path:
+    """Write the standard layout. ``splits[split]`` rows are dicts with the keys of COLUMNS;
+    list values are written as Python literals (``repr``), as the reference does."""
+    root = Path(root)
+    for t in titles:
+        if "\t" in t or "\n" in t or "\r" in t:
+            raise DataError(
+                f"title {t!r} contains a tab or newline; info/{name}.txt cannot hold it"
+            )
+    (root / "info").mkdir(parents=True, exist_ok=True)
+    with open(root / "info" / f"{name}.txt", "w", encoding="utf-8", newline="\n") as f:
+        for i, t in enumerate(titles):
+            f.write(f"{t}\t{i}\n")
+    for split in SPLITS:
+        (root / split).mkdir(parents=True, exist_ok=True)
+        with open(root / split / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(COLUMNS)
+            for r in splits.get(split, ()):
+                w.writerow(
+                    [_fmt_list(r[c]) if isinstance(r[c], list | tuple) else r[c] for c in COLUMNS]
+                )
+    return root

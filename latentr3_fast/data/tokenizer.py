@@ -1,0 +1,53 @@
+"""A tiny byte-level BPE tokenizer for tests and the CPU demo (trained in well under a second).
+
+Byte-level like Qwen's, so every string encodes and the quote of a target merges with the
+title exactly as a real BPE may do; EOS is ``<|endoftext|>`` and pad = EOS (as for Qwen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from ..errors import ConfigError
+from .prompts import TEMPLATES, PromptBuilder
+from .records import RecDataset, category_word
+
+__all__ = ["EOS_TOKEN", "train_tokenizer", "dataset_corpus"]
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``texts`` and wrap it as a Hugging Face fast tokenizer.
+
+    The 256 byte symbols are always in the vocabulary, so ``vocab_size`` must be > 257.
+    ``encode`` adds no BOS/EOS; ``eos_token == pad_token == "<|endoftext|>"``.
+    """
+    if vocab_size < 258:
+        raise ConfigError(f"vocab_size={vocab_size}: must be >= 258 (256 bytes + EOS + merges)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=None
+    )
+
+
+def dataset_corpus(dataset: RecDataset, template: str = "reference") -> list[str]:
+    """Texts to train a tiny tokenizer on: the prompt segments and every item's target string."""
+    word = category_word(dataset.category)
+    a, b = TEMPLATES[template]
+    # The template occurs in every prompt: weight it so its words get merges (shorter prompts).
+    texts = [a.replace("{C}", word), b.replace("{C}", word).replace("{H}", "")] * 20
+    texts += [PromptBuilder.target_text(t) for t in dataset.items.titles]
+    return texts
