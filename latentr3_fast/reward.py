@@ -1,0 +1,711 @@
+"""Drop-in perplexity reward for other trainers (TRL, hand-written GRPO/PPO loops, ...).
+
+``PerplexityReward`` scores ``-PPL(target | prompt, extra)`` for any Hugging Face causal LM
+without ever materializing ``[rows x positions x vocab]`` logits:
+
+1. the prompt (all but its last token) runs ONCE per distinct prompt, filling a KV cache
+   (no autograd unless requested);
+2. the cache is expanded to the rows that share the prompt (``num_generations`` consecutive rows,
+   or any ``prompt_index`` map);
+3. ONE forward over the short per-row suffix ``[last prompt token, extra..., target[:-1]]``
+   continues on the cache; the hidden states that predict the target tokens go through
+   ``latentr3_fast.ops`` (fused LM head + log-softmax + gather, Triton on CUDA).
+
+Feeding the prompt's last token in the suffix (instead of caching it) means the state that
+predicts ``target[0]`` is always a suffix position, whether or not extra tokens are present.
+
+``make_trl_reward`` wraps it as a TRL reward function ``f(prompts, completions, **kw)``
+scoring the dataset's reference answer after prompt + completion ("reference-answer
+perplexity", a verifier-free reward).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, DataError
+from .ops import (
+    fused_linear_logprob,
+    grpo_advantage,
+    mean_logprob,
+    perplexity_reward_from_hidden,
+    ppl_reward,
+)
+
+__all__ = ["PerplexityReward", "grpo_advantage", "make_trl_reward", "plain_logprobs"]
+
+_REWARDS = ("neg_ppl", "mean_logprob")
+
+
+def _text_config(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config(decoder=True)
+    return config
+
+
+def _resolve_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Return (decoder stack whose output is the final-norm hidden state, LM head module)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise ConfigError(
+            f"PerplexityReward: model {type(model).__name__} has no output embeddings "
+            "(get_output_embeddings() returned None); pass a causal LM (…ForCausalLM)"
+        )
+    decoder = None
+    get_dec = getattr(model, "get_decoder", None)
+    if callable(get_dec):
+        try:
+            decoder = get_dec()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+    if decoder is None or decoder is model:
+        for name in ("model", "transformer", "gpt_neox", "decoder"):
+            cand = getattr(model, name, None)
+            if isinstance(cand, nn.Module) and cand is not model:
+                decoder = cand
+                break
+    if decoder is None or decoder is model:
+        raise ConfigError(
+            f"PerplexityReward: cannot find the decoder stack of {type(model).__name__} "
+            "(tried get_decoder(), .model, .transformer, .gpt_neox, .decoder)"
+        )
+    return decoder, head
+
+
+def _logit_temperature(model: nn.Module, temperature: float) -> float:
+    """Fold the model's own final-logit scaling into the softmax temperature, or reject it.
+
+    ``logits * s`` (Cohere ``logit_scale``) is temperature ``T / s``; ``logits / s`` (Granite
+    ``logits_scaling``) is ``T * s``. A tanh soft-cap (Gemma 2/3) is not a linear map and the
+    fused head does not implement it, so those models are rejected.
+    """
+    config = _text_config(model)
+    if not temperature > 0:
+        raise ConfigError(f"PerplexityReward: temperature must be > 0, got {temperature}")
+    t = float(temperature)
+    if config is None:
+        return t
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        raise ConfigError(
+            f"PerplexityReward: {type(model).__name__} uses final_logit_softcapping={cap} "
+            "(tanh soft-cap), which the fused log-prob head does not implement"
+        )
+    scale = getattr(model, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        if scale <= 0:
+            raise ConfigError(f"PerplexityReward: logit_scale={scale} must be > 0")
+        t = t / float(scale)
+    elif isinstance(scale, torch.Tensor):
+        raise ConfigError("PerplexityReward: a learned (tensor) logit_scale is not supported")
+    div = getattr(config, "logits_scaling", None)
+    if isinstance(div, (int, float)) and div != 1:
+        if div <= 0:
+            raise ConfigError(f"PerplexityReward: logits_scaling={div} must be > 0")
+        t = t * float(div)
+    return t
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; use whichever forward takes."""
+    try:
+        params = inspect.signature(decoder.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids from a padding mask: real tokens count 0, 1, ...; pads reuse a neighbour's."""
+    pos = mask.long().cumsum(dim=1) - 1
+    if isinstance(offset, torch.Tensor):
+        pos = pos + offset[:, None]
+    else:
+        pos = pos + offset
+    return pos.clamp_min(0)
+
+
+class PerplexityReward(nn.Module):
+    """Per-row reward ``-PPL(target | prompt, extra)`` of a Hugging Face causal LM.
+
+    Args:
+        model: any ``transformers`` causal LM (``...ForCausalLM``): the decoder stack comes from
+            ``model.get_decoder()`` (fallback ``.model``/``.transformer``), the head from
+            ``model.get_output_embeddings()`` (its bias is used when present). Final-logit
+            scales (Cohere ``logit_scale``, Granite ``logits_scaling``) are folded into the
+            temperature; tanh soft-capping (Gemma 2/3) raises ConfigError.
+        tokenizer: optional; needed only by :meth:`score_texts`.
+        temperature: softmax temperature of the scored distribution (default 1).
+        reward: ``"neg_ppl"`` (``-exp(-mean log p)``, the LatentR3 reward) or
+            ``"mean_logprob"`` (``mean log p``).
+        grad_prompt: run the prompt forward with autograd. ``None`` (default): only when
+            ``prompt_embeds`` requires grad. Set True to get parameter gradients through the
+            prompt's keys/values too (e.g. a trainable policy); the suffix (extra embeddings,
+            target positions) is always differentiable when grad mode is on.
+
+    The model is not registered as a submodule (``reward.parameters()`` is empty) so wrapping
+    a policy in a reward never duplicates its parameters in an optimizer or a state dict.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any = None,
+        *,
+        temperature: float = 1.0,
+        reward: str = "neg_ppl",
+        grad_prompt: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if reward not in _REWARDS:
+            raise ConfigError(f"PerplexityReward: reward must be one of {_REWARDS}, got {reward!r}")
+        decoder, head = _resolve_backbone(model)
+        # Plain attributes (not submodules): see the class docstring.
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "decoder", decoder)
+        object.__setattr__(self, "head", head)
+        self.tokenizer = tokenizer
+        self.temperature = _logit_temperature(model, temperature)
+        self.reward = reward
+        self.grad_prompt = grad_prompt
+        self._cache_kw = _cache_kwarg(decoder)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of ``ids`` [B, L] -> [B, L, d] (the model's own embedding layer)."""
+        return self.model.get_input_embeddings()(ids)
+
+    def _run(self, embeds, mask, positions, cache):
+        kwargs = {
+            "inputs_embeds": embeds,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": cache is not None,
+        }
+        if cache is not None:
+            kwargs[self._cache_kw] = cache
+        return self.decoder(**kwargs).last_hidden_state
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        config = getattr(self.model, "config", None)
+        try:
+            return DynamicCache(config=config)
+        except TypeError:  # older transformers: DynamicCache() takes no config
+            return DynamicCache()
+
+    @staticmethod
+    def _check_cache(cache, expected_len: int) -> None:
+        for layer in getattr(cache, "layers", []):
+            name = type(layer).__name__
+            if "Linear" in name or "Static" in name or "Quantized" in name:
+                raise ConfigError(
+                    f"PerplexityReward: cache layer type {name} is not supported "
+                    "(expanding and padding a linear-attention/static/quantized cache); "
+                    "use a model with plain (sliding-window) attention"
+                )
+        if cache.get_seq_length() != expected_len:
+            raise ConfigError(
+                f"PerplexityReward: the model did not fill the KV cache (length "
+                f"{cache.get_seq_length()}, expected {expected_len}). Gradient checkpointing "
+                "in training mode disables the cache: call model.eval() (or run the reward "
+                "under torch.no_grad()), or disable gradient checkpointing"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        prompt_ids: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        target_ids: torch.Tensor | None = None,
+        target_mask: torch.Tensor | None = None,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        extra_embeds: torch.Tensor | None = None,
+        extra_ids: torch.Tensor | None = None,
+        extra_mask: torch.Tensor | None = None,
+        num_generations: int = 1,
+        prompt_index: torch.Tensor | None = None,
+        return_logprobs: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Score the target tokens of every row.
+
+        Args:
+            prompt_ids: ``[P, Lp]`` LEFT-padded prompt ids (or pass ``prompt_embeds``
+                ``[P, Lp, d]``); ``prompt_mask`` ``[P, Lp]`` 1 = real token (default all 1).
+                Every prompt needs >= 1 real token and its last column must be real.
+            target_ids: ``[R, T]`` RIGHT-padded ground-truth ids (EOS included if it should
+                count); ``target_mask`` ``[R, T]`` (default all 1). ``[P, T]`` is accepted too
+                and repeated to the rows of each prompt.
+            extra_embeds: optional ``[R, N, d]`` continuous tokens (e.g. latents) placed
+                between prompt and target; or ``extra_ids`` ``[R, N]`` (e.g. a completion),
+                embedded with the model's input embeddings. ``extra_mask`` ``[R, N]`` marks the
+                real ones (pads may sit anywhere; default all 1).
+            num_generations: G; rows ``p*G .. p*G+G-1`` share prompt ``p`` (``R = P*G``).
+            prompt_index: alternatively ``[R]`` long, the prompt of each row (any order,
+                any multiplicity); overrides ``num_generations``.
+            return_logprobs: also return the per-token log-probs ``[R, T]`` fp32 (0 at pads).
+
+        Returns:
+            ``[R]`` fp32 rewards (``-PPL`` or mean log-prob), differentiable wrt
+            ``extra_embeds`` (and ``prompt_embeds`` / parameters, see ``grad_prompt``) when
+            grad mode is on; with ``return_logprobs`` a tuple ``(rewards, logp)``.
+        """
+        dev = self.device
+        # ---- prompts
+        if (prompt_ids is None) == (prompt_embeds is None):
+            raise ConfigError("PerplexityReward: pass exactly one of prompt_ids / prompt_embeds")
+        if prompt_ids is not None:
+            if prompt_ids.dim() != 2:
+                raise ConfigError(
+                    f"PerplexityReward: prompt_ids must be [P, Lp], got {tuple(prompt_ids.shape)}"
+                )
+            shape_p = tuple(prompt_ids.shape)
+        else:
+            if prompt_embeds.dim() != 3:
+                raise ConfigError(
+                    "PerplexityReward: prompt_embeds must be [P, Lp, d], got "
+                    f"{tuple(prompt_embeds.shape)}"
+                )
+            shape_p = tuple(prompt_embeds.shape[:2])
+        num_prompts, lp = shape_p
+        if lp == 0 or num_prompts == 0:
+            raise DataError(f"PerplexityReward: empty prompt batch {shape_p}")
+        if prompt_mask is None:
+            prompt_mask = torch.ones(shape_p, dtype=torch.long, device=dev)
+        if tuple(prompt_mask.shape) != shape_p:
+            raise ConfigError(
+                f"PerplexityReward: prompt_mask must be {shape_p}, got {tuple(prompt_mask.shape)}"
+            )
+        prompt_mask = prompt_mask.to(dev).long()
+        if not bool((prompt_mask[:, -1] == 1).all()):
+            row = int((prompt_mask[:, -1] != 1).nonzero()[0, 0])
+            raise DataError(
+                f"PerplexityReward: prompt_mask row {row} does not end with a real token; "
+                "prompts must be LEFT-padded and non-empty"
+            )
+
+        # ---- rows
+        if target_ids is None:
+            raise ConfigError("PerplexityReward: target_ids is required")
+        if target_ids.dim() != 2 or target_ids.shape[1] == 0:
+            raise ConfigError(
+                f"PerplexityReward: target_ids must be [R, T>0], got {tuple(target_ids.shape)}"
+            )
+        if prompt_index is None:
+            g = int(num_generations)
+            if g < 1:
+                raise ConfigError(
+                    f"PerplexityReward: num_generations must be >= 1, got {num_generations}"
+                )
+            prompt_index = torch.arange(num_prompts, device=dev).repeat_interleave(g)
+        else:
+            prompt_index = prompt_index.to(dev).long()
+            if prompt_index.dim() != 1:
+                raise ConfigError("PerplexityReward: prompt_index must be [R]")
+            if prompt_index.numel() and (
+                int(prompt_index.min()) < 0 or int(prompt_index.max()) >= num_prompts
+            ):
+                raise DataError(
+                    f"PerplexityReward: prompt_index values must lie in [0, {num_prompts})"
+                )
+        rows = prompt_index.numel()
+        if target_mask is None:
+            target_mask = torch.ones_like(target_ids)
+        if target_mask.shape != target_ids.shape:
+            raise ConfigError(
+                f"PerplexityReward: target_mask must be {tuple(target_ids.shape)}, "
+                f"got {tuple(target_mask.shape)}"
+            )
+        target_ids, target_mask = target_ids.to(dev).long(), target_mask.to(dev).long()
+        if target_ids.shape[0] == num_prompts and rows != num_prompts:
+            target_ids = target_ids[prompt_index]
+            target_mask = target_mask[prompt_index]
+        if target_ids.shape[0] != rows:
+            raise ConfigError(
+                f"PerplexityReward: target_ids has {target_ids.shape[0]} rows, expected "
+                f"R={rows} (or P={num_prompts})"
+            )
+        if bool((target_mask[:, 1:] > target_mask[:, :-1]).any()):
+            row = int((target_mask[:, 1:] > target_mask[:, :-1]).any(dim=1).nonzero()[0, 0])
+            raise DataError(f"PerplexityReward: target_mask row {row} is not RIGHT-padded")
+        if bool((target_mask[:, 0] == 0).any()):
+            row = int((target_mask[:, 0] == 0).nonzero()[0, 0])
+            raise DataError(f"PerplexityReward: target row {row} has no target token")
+
+        # ---- extra tokens
+        if extra_ids is not None and extra_embeds is not None:
+            raise ConfigError("PerplexityReward: pass at most one of extra_ids / extra_embeds")
+        if extra_ids is not None:
+            if extra_ids.dim() != 2 or extra_ids.shape[0] != rows:
+                raise ConfigError(
+                    f"PerplexityReward: extra_ids must be [R={rows}, N], "
+                    f"got {tuple(extra_ids.shape)}"
+                )
+            extra_embeds = self.embed(extra_ids.to(dev))
+        if extra_embeds is not None and (extra_embeds.dim() != 3 or extra_embeds.shape[0] != rows):
+            raise ConfigError(
+                f"PerplexityReward: extra_embeds must be [R={rows}, N, d], "
+                f"got {tuple(extra_embeds.shape)}"
+            )
+        n_extra = 0 if extra_embeds is None else extra_embeds.shape[1]
+        if extra_mask is None:
+            extra_mask = torch.ones(rows, n_extra, dtype=torch.long, device=dev)
+        if tuple(extra_mask.shape) != (rows, n_extra):
+            raise ConfigError(
+                f"PerplexityReward: extra_mask must be [{rows}, {n_extra}], "
+                f"got {tuple(extra_mask.shape)}"
+            )
+        extra_mask = extra_mask.to(dev).long()
+
+        # ---- 1. prompt prefix, once per prompt
+        if prompt_embeds is None:
+            prompt_ids = prompt_ids.to(dev)
+            last_embed = self.embed(prompt_ids[:, -1:])
+        else:
+            prompt_embeds = prompt_embeds.to(dev)
+            last_embed = prompt_embeds[:, -1:]
+        grad_prompt = self.grad_prompt
+        if grad_prompt is None:
+            grad_prompt = prompt_embeds is not None and prompt_embeds.requires_grad
+        prefix_mask = prompt_mask[:, :-1]
+        cache = None
+        if lp > 1:
+            cache = self._new_cache()
+            with torch.set_grad_enabled(bool(grad_prompt) and torch.is_grad_enabled()):
+                prefix = (
+                    self.embed(prompt_ids[:, :-1])
+                    if prompt_embeds is None
+                    else prompt_embeds[:, :-1]
+                )
+                self._run(prefix, prefix_mask, _positions(prefix_mask), cache)
+            self._check_cache(cache, lp - 1)
+            # 2. share: row r attends to prompt prompt_index[r]'s keys/values
+            if rows != num_prompts or not torch.equal(
+                prompt_index, torch.arange(num_prompts, device=dev)
+            ):
+                cache.batch_select_indices(prompt_index)
+
+        # ---- 3. one suffix forward: [last prompt token, extra..., target[:-1]]
+        checkpointed = (
+            cache is not None
+            and torch.is_grad_enabled()
+            and self.decoder.training
+            and any(
+                getattr(m, "gradient_checkpointing", False) is True for m in self.decoder.modules()
+            )
+        )
+        if checkpointed:
+            raise ConfigError(
+                "PerplexityReward: the model uses gradient checkpointing in training mode, "
+                "which disables the KV cache the suffix forward continues on: call "
+                "model.eval() (or run the reward under torch.no_grad()), or disable "
+                "gradient checkpointing"
+            )
+        tgt_in = target_ids[:, :-1]
+        parts = [last_embed[prompt_index]]
+        if n_extra:
+            parts.append(extra_embeds.to(last_embed.dtype))
+        parts.append(self.embed(tgt_in).to(last_embed.dtype))
+        suffix = torch.cat(parts, dim=1)
+        ones = torch.ones(rows, 1, dtype=torch.long, device=dev)
+        suffix_mask = torch.cat([ones, extra_mask, target_mask[:, :-1]], dim=1)
+        past_mask = prefix_mask[prompt_index]
+        offset = past_mask.sum(dim=1)
+        hidden = self._run(
+            suffix,
+            torch.cat([past_mask, suffix_mask], dim=1),
+            _positions(suffix_mask, offset),
+            cache,
+        )
+        if cache is not None:
+            # A model that silently drops the cache (e.g. HF gradient checkpointing in training
+            # mode) would score the suffix without the prompt.
+            self._check_cache(cache, lp - 1 + suffix.shape[1])
+        # State predicting target[0]: the last real token of [prompt_last, extra...];
+        # target[j>0] is predicted by the fed target[j-1] at suffix index n_extra + j.
+        lead_mask = suffix_mask[:, : 1 + n_extra]
+        lead = (torch.arange(1 + n_extra, device=dev) * lead_mask).max(dim=1).values
+        t = target_ids.shape[1]
+        idx = torch.cat(
+            [lead[:, None], n_extra + torch.arange(1, t, device=dev).expand(rows, t - 1)], dim=1
+        )
+        h_t = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+        # ---- 4. fused LM head + log-softmax + gather (no [R, T, V] logits)
+        weight = self.head.weight
+        bias = getattr(self.head, "bias", None)
+        if not return_logprobs and self.reward == "neg_ppl":
+            return perplexity_reward_from_hidden(
+                h_t, weight, target_ids, target_mask, bias=bias, temperature=self.temperature
+            )
+        keep = target_mask != 0
+        flat = fused_linear_logprob(
+            h_t[keep], weight, target_ids[keep], bias, temperature=self.temperature
+        )
+        logp = torch.zeros(rows, t, dtype=torch.float32, device=dev).masked_scatter(keep, flat)
+        reward = ppl_reward(logp, keep) if self.reward == "neg_ppl" else mean_logprob(logp, keep)
+        return (reward, logp) if return_logprobs else reward
+
+    # ------------------------------------------------------------------ text API
+    def score_texts(
+        self,
+        prompts: Sequence[str],
+        targets: Sequence[str],
+        completions: Sequence[str] | None = None,
+        *,
+        add_special_tokens: bool = True,
+        append_eos: bool = False,
+        max_rows: int = 64,
+    ) -> torch.Tensor:
+        """Rewards of ``targets[i]`` after ``prompts[i] + completions[i]`` (strings).
+
+        Equal prompt strings are encoded once and share the KV cache. The prompt is tokenized
+        on its own (``add_special_tokens`` for it, e.g. a BOS), the completion on its own, and
+        the target on its own (so its tokens do not depend on the completion), then the ids
+        are concatenated. ``append_eos`` appends the tokenizer's EOS to each target.
+        Rows are processed in chunks of about ``max_rows`` (whole prompt groups).
+
+        Returns:
+            ``[len(prompts)]`` fp32 rewards on the model's device (no autograd).
+        """
+        tok = self.tokenizer
+        if tok is None:
+            raise ConfigError("PerplexityReward.score_texts needs a tokenizer (tokenizer=...)")
+        if len(targets) != len(prompts) or (
+            completions is not None and len(completions) != len(prompts)
+        ):
+            raise DataError(
+                f"PerplexityReward.score_texts: got {len(prompts)} prompts, {len(targets)} "
+                f"targets and {len(completions) if completions is not None else '-'} completions"
+            )
+        uniq: dict[str, int] = {}
+        for p in prompts:
+            uniq.setdefault(p, len(uniq))
+        order = list(uniq)
+        p_ids = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in order]
+        for text, ids in zip(order, p_ids):
+            if not ids:
+                raise DataError(f"PerplexityReward.score_texts: prompt {text!r} has no tokens")
+        eos = [tok.eos_token_id] if append_eos else []
+        if append_eos and tok.eos_token_id is None:
+            raise ConfigError("PerplexityReward.score_texts: append_eos but tokenizer has no EOS")
+        t_ids = [tok(t, add_special_tokens=False)["input_ids"] + eos for t in targets]
+        for i, ids in enumerate(t_ids):
+            if not ids:
+                raise DataError(f"PerplexityReward.score_texts: target row {i} has no tokens")
+        c_ids = (
+            [tok(c, add_special_tokens=False)["input_ids"] if c else [] for c in completions]
+            if completions is not None
+            else None
+        )
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        rows_of: list[list[int]] = [[] for _ in order]
+        for r, p in enumerate(prompts):
+            rows_of[uniq[p]].append(r)
+        out = torch.empty(len(prompts), dtype=torch.float32, device=self.device)
+        chunk: list[int] = []
+        n_rows = 0
+        for u in range(len(order) + 1):
+            if u < len(order) and (not chunk or n_rows + len(rows_of[u]) <= max_rows):
+                chunk.append(u)
+                n_rows += len(rows_of[u])
+                continue
+            if chunk:
+                self._score_chunk(chunk, rows_of, p_ids, t_ids, c_ids, pad, out)
+            chunk, n_rows = ([u], len(rows_of[u])) if u < len(order) else ([], 0)
+        return out
+
+    @torch.no_grad()
+    def _score_chunk(self, chunk, rows_of, p_ids, t_ids, c_ids, pad, out) -> None:
+        dev = self.device
+
+        def pad_to(seqs, left):
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                if s:
+                    sl = slice(width - len(s), width) if left else slice(0, len(s))
+                    ids[i, sl] = torch.tensor(s, dtype=torch.long)
+                    mask[i, sl] = 1
+            return ids.to(dev), mask.to(dev)
+
+        rows = [r for u in chunk for r in rows_of[u]]
+        index = torch.tensor([k for k, u in enumerate(chunk) for _ in rows_of[u]], device=dev)
+        pi, pm = pad_to([p_ids[u] for u in chunk], left=True)
+        ti, tm = pad_to([t_ids[r] for r in rows], left=False)
+        extra = {}
+        if c_ids is not None:
+            seqs = [c_ids[r] for r in rows]
+            if max(len(s) for s in seqs) > 0:
+                ei, em = pad_to(seqs, left=False)
+                extra = {"extra_ids": ei, "extra_mask": em}
+        out[torch.tensor(rows, device=dev)] = self(
+            pi, pm, ti, tm, prompt_index=index, **extra
+        ).float()
+
+
+def plain_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    extra_embeds: torch.Tensor | None = None,
+    num_generations: int = 1,
+) -> torch.Tensor:
+    """Reference-style path (benchmarks): one full forward per row over
+    ``[prompt, extra, target]`` with full-vocabulary logits, log_softmax, gather.
+
+    Shapes as in :meth:`PerplexityReward.forward` (``target_ids`` ``[R, T]``, extra ``[R,N,d]``).
+    Returns ``[R, T]`` fp32 log-probs (0 at pads). Materializes ``[R, L, V]`` logits.
+    """
+    g = int(num_generations)
+    emb = model.get_input_embeddings()
+    pe = emb(prompt_ids).repeat_interleave(g, dim=0)
+    pm = prompt_mask.long().repeat_interleave(g, dim=0)
+    rows, t = target_ids.shape
+    parts, masks = [pe], [pm]
+    if extra_embeds is not None:
+        parts.append(extra_embeds.to(pe.dtype))
+        masks.append(torch.ones(extra_embeds.shape[:2], dtype=torch.long, device=pm.device))
+    parts.append(emb(target_ids))
+    masks.append(target_mask.long())
+    x, m = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+    logits = model(inputs_embeds=x, attention_mask=m, position_ids=_positions(m)).logits
+    logp = torch.log_softmax(logits[:, -t - 1 : -1].float(), dim=-1)
+    out = logp.gather(2, target_ids[:, :, None]).squeeze(2)
+    return out * target_mask
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal parts: keep the text ones
+        return "".join(
+            part.get("text", "") if isinstance(part, dict) else str(part) for part in content
+        )
+    return "" if content is None else str(content)
+
+
+def make_trl_reward(
+    model: nn.Module,
+    tokenizer: Any,
+    target_column: str = "target",
+    *,
+    answer_prefix: str = "",
+    answer_suffix: str = "",
+    append_eos: bool = False,
+    reward: str = "neg_ppl",
+    temperature: float = 1.0,
+    max_rows: int = 64,
+    name: str | None = None,
+) -> Callable[..., list[float]]:
+    """A TRL reward function: ``-PPL(answer | prompt + completion)`` of the dataset's answer.
+
+    The returned ``f(prompts, completions, **kwargs) -> list[float]`` reads the ground truth
+    from ``kwargs[target_column]`` (TRL passes every dataset column as a list) and scores the
+    token string ``prompt | completion + answer_prefix | target + answer_suffix (+EOS)``.
+
+    * Plain prompts (``str``): the prompt is tokenized with the tokenizer's special tokens
+      (e.g. BOS), completion and answer without.
+    * Conversational prompts (lists of ``{"role", "content"}``): rendered with the tokenizer's
+      chat template (``add_generation_prompt=True``) when it has one, else as
+      ``"role: content\\n"`` lines followed by ``"assistant: "``; the completion is the text of
+      its assistant message(s).
+
+    Identical prompts (the G completions of a group) share one prompt forward and KV cache.
+    Runs under ``torch.no_grad`` with the model temporarily in eval mode (no dropout).
+    ``reward="mean_logprob"`` scores the mean log-prob instead.
+
+    Args:
+        model: causal LM that scores (the policy itself or a frozen copy).
+        tokenizer: its tokenizer. target_column: dataset column with the reference answers.
+        name: the function's ``__name__`` (TRL logs rewards under it; default
+            ``"ppl_reward_<target_column>"``).
+    """
+    scorer = PerplexityReward(model, tokenizer, temperature=temperature, reward=reward)
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def render_prompt(prompt: Any) -> tuple[str, bool]:
+        if isinstance(prompt, str):
+            return prompt, True
+        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            if has_template:
+                text = tokenizer.apply_chat_template(
+                    prompt, tokenize=False, add_generation_prompt=True
+                )
+                return text, False
+            lines = [
+                f"{m.get('role', 'user')}: {_message_text(m.get('content'))}\n" for m in prompt
+            ]
+            return "".join(lines) + "assistant: ", True
+        raise DataError(
+            f"{name}: a prompt must be a string or a list of {{'role','content'}} messages, "
+            f"got {type(prompt).__name__}"
+        )
+
+    def render_completion(completion: Any) -> str:
+        if isinstance(completion, str):
+            return completion
+        if isinstance(completion, list):
+            return "".join(
+                _message_text(m.get("content")) if isinstance(m, dict) else str(m)
+                for m in completion
+            )
+        raise DataError(f"{name}: a completion must be a string or a list of messages")
+
+    def reward_fn(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+        if target_column not in kwargs:
+            raise DataError(
+                f"{name}: dataset column {target_column!r} missing from the reward inputs "
+                f"(available: {sorted(k for k in kwargs if not k.startswith('log_'))})"
+            )
+        targets = kwargs[target_column]
+        if len(prompts) != len(completions) or len(targets) != len(prompts):
+            raise DataError(
+                f"{name}: {len(prompts)} prompts, {len(completions)} completions, "
+                f"{len(targets)} {target_column!r} values"
+            )
+        rendered = [render_prompt(p) for p in prompts]
+        texts = [r[0] for r in rendered]
+        special = rendered[0][1] if rendered else True
+        comps = [render_completion(c) + answer_prefix for c in completions]
+        answers = [_message_text(t) + answer_suffix for t in targets]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                scores = scorer.score_texts(
+                    texts,
+                    answers,
+                    comps,
+                    add_special_tokens=special,
+                    append_eos=append_eos,
+                    max_rows=max_rows,
+                )
+        finally:
+            model.train(was_training)
+        return [float(s) for s in scores.cpu()]
+
+    name = name or f"ppl_reward_{target_column}"
+    reward_fn.__name__ = name
+    reward_fn.__qualname__ = name
+    reward_fn.scorer = scorer  # type: ignore[attr-defined]
+    return reward_fn
