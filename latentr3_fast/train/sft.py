@@ -1,0 +1,456 @@
+"""Stage 1: supervised warm-up of the backbone and LatentRATT (SPEC section 4).
+
+Per micro-batch: ONE prompt forward with grad (final-norm hidden states + KV cache), the
+latent(s) from LatentRATT, ONE suffix forward of ``[r, target[:-1]]`` on that cache, and the
+target-token cross-entropy through the fused LM-head log-prob (no full-vocabulary logits).
+Gradients reach the backbone directly and through r.
+
+Loss = mean over the target tokens of the whole optimizer step (all micro-batches of one
+gradient-accumulation window), so the result does not depend on how the window is split.
+
+Reference hyper-parameters (the defaults): AdamW lr 3e-4, effective batch 128 (16 x 8),
+warmup 20 steps, linear decay, at most 3 epochs, early stopping on validation loss with
+patience 1, bf16 on CUDA; the best checkpoint is kept and reloaded at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import Batch, EncodedSample, batch_indices, collate
+from ..errors import ConfigError
+from .common import (
+    OPTIMIZERS,
+    SCHEDULES,
+    JsonlLogger,
+    NonFiniteGuard,
+    atomic_dir,
+    build_optimizer,
+    build_scheduler,
+    clip_grad_norm,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    progress_bar,
+    save_checkpoint,
+    save_model_weights,
+    seed_everything,
+)
+
+__all__ = ["SFTConfig", "SFTResult", "SFTTrainer", "sft_loss"]
+
+
+@dataclass
+class SFTConfig:
+    """Options of the SFT stage (defaults reproduce the reference recipe)."""
+
+    output_dir: str | None = "runs/sft"  # None: no checkpoints, logs or best copy on disk
+    epochs: int = 3
+    batch_size: int = 16  # micro-batch
+    grad_accum: int = 8  # micro-batches per optimizer step (effective batch 128)
+    eval_batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    optim: str = "adamw"  # adamw | adamw_8bit (CUDA)
+    schedule: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    eval_steps: int | None = None  # also validate every N optimizer steps
+    patience: int = 1  # stop after this many validations without improvement
+    load_best_at_end: bool = True
+    max_steps: int | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 42
+    bf16: bool | None = None  # autocast to bf16; None = on CUDA
+    gradient_checkpointing: bool = False
+    save_steps: int | None = None  # checkpoint every N steps (always at epoch ends)
+    keep_checkpoints: int = 2
+    logging_steps: int = 10
+    tensorboard: bool = False
+    progress: bool = True
+    resume: bool = False
+    max_bad_steps: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in the log
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad option."""
+        positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "logging_steps")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"SFTConfig.{name}={getattr(self, name)}: must be >= 1")
+        for name in ("eval_steps", "max_steps", "max_train_samples", "max_eval_samples"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"SFTConfig.{name}={v}: must be >= 1 or None")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ConfigError(f"SFTConfig.save_steps={self.save_steps}: must be >= 1 or None")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"SFTConfig.optim={self.optim!r}: expected one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"SFTConfig.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if not self.lr > 0:
+            raise ConfigError(f"SFTConfig.lr={self.lr}: must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"SFTConfig.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.patience < 1:
+            raise ConfigError(f"SFTConfig.patience={self.patience}: must be >= 1")
+        if self.resume and self.output_dir is None:
+            raise ConfigError("SFTConfig.resume=True needs an output_dir")
+
+
+@dataclass
+class SFTResult:
+    """What ``SFTTrainer.train`` returns."""
+
+    global_step: int
+    epochs_completed: int
+    best_val_loss: float | None
+    best_step: int | None
+    stopped_early: bool
+    history: list[dict[str, Any]]
+    best_dir: str | None
+
+
+def sft_loss(model: Any, batch: Batch, num_tokens: int | torch.Tensor | None = None):
+    """Sum of target-token negative log-likelihoods divided by ``num_tokens``.
+
+    Args:
+        model: a LatentReasoner.
+        batch: collated batch on the model's device.
+        num_tokens: normaliser (default: the batch's own target-token count).
+    Returns:
+        ``(loss, nll_sum)``: 0-d fp32 tensors; ``nll_sum`` is detached.
+    """
+    hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+    r = model.latents(hidden, batch.prompt_mask, cache)
+    h = model.suffix_forward(cache, batch.prompt_mask, r, batch.target_ids)
+    logp = model.target_logprobs(h, batch.target_ids, batch.target_mask)  # 0 at padding
+    nll = -logp.sum()
+    denom = batch.target_mask.sum() if num_tokens is None else num_tokens
+    return nll / denom, nll.detach()
+
+
+class SFTTrainer:
+    """Supervised training of a LatentReasoner on (prompt, target) pairs.
+
+    Args:
+        model: the LatentReasoner (its parameters with ``requires_grad`` train).
+        config: :class:`SFTConfig`.
+        train_data: encoded training samples (``data.EncodedSample``).
+        valid_data: encoded validation samples (early stopping needs them).
+        pad_id: padding id (default: the tokenizer's pad, else EOS).
+        callbacks: called as ``fn(trainer, record)`` after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: SFTConfig,
+        train_data: Sequence[EncodedSample],
+        valid_data: Sequence[EncodedSample] | None = None,
+        pad_id: int | None = None,
+        callbacks: Sequence[Callable[[SFTTrainer, dict[str, Any]], None]] = (),
+    ) -> None:
+        config.validate()
+        self.model = model
+        self.cfg = config
+        self.train_data = list(train_data)[: config.max_train_samples]
+        self.valid_data = list(valid_data or [])[: config.max_eval_samples]
+        if not self.train_data:
+            raise ConfigError("SFTTrainer: train_data is empty")
+        if pad_id is None:
+            tok = model.tokenizer
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = int(pad_id)
+        self.callbacks = list(callbacks)
+        self.device = model.device
+        self.use_bf16 = self.device.type == "cuda" if config.bf16 is None else bool(config.bf16)
+        if self.use_bf16 and self.device.type != "cuda":
+            raise ConfigError("SFTConfig.bf16=True needs a CUDA model (autocast to bf16)")
+        self.micro_per_epoch = math.ceil(len(self.train_data) / config.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / config.grad_accum)
+        total = config.epochs * self.steps_per_epoch
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.out = Path(config.output_dir) if config.output_dir else None
+
+        self.optimizer = build_optimizer(
+            model, config.optim, config.lr, config.weight_decay, config.adam_betas
+        )
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            config.schedule,
+            config.warmup_steps,
+            self.total_steps,
+            config.min_lr_ratio,
+        )
+        self.guard = NonFiniteGuard(config.max_bad_steps, where="SFT")
+        # loop state (everything a checkpoint must restore)
+        self.global_step = 0
+        self.epoch = 0
+        self.micro = 0  # micro-batches of the current epoch already consumed
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.stopped_early = False
+        self.history: list[dict[str, Any]] = []
+        self.last_eval_step = -1
+        self._logger: JsonlLogger | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if config.resume:
+            self.resume()
+
+    @classmethod
+    def from_dataset(
+        cls,
+        model: Any,
+        config: SFTConfig,
+        dataset: Any,
+        template: str = "reference",
+        max_length: int = 512,
+        **kwargs: Any,
+    ) -> SFTTrainer:
+        """Encode ``dataset.train`` / ``dataset.valid`` (a ``data.RecDataset``) with the
+        model's tokenizer and ``num_latent`` (prompt left-truncated to ``max_length``)."""
+        from ..data import PromptBuilder
+
+        builder = PromptBuilder(
+            model.tokenizer,
+            dataset.category,
+            template=template,
+            num_latent=model.num_latent,
+            max_length=max_length,
+        )
+        train = dataset.train[: config.max_train_samples]
+        valid = dataset.valid[: config.max_eval_samples]
+        return cls(model, config, builder.encode_many(train), builder.encode_many(valid), **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict[str, Any]:
+        """JSON-able loop state (data position included)."""
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "micro": self.micro,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+            "last_eval_step": self.last_eval_step,
+            "guard": self.guard.state_dict(),
+            "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
+        }
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of ``output_dir`` (False when there is none)."""
+        ckpt = latest_checkpoint(self.out) if self.out is not None else None
+        if ckpt is None:
+            return False
+        st = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.global_step = int(st["global_step"])
+        self.epoch = int(st["epoch"])
+        self.micro = int(st["micro"])
+        self.best_val = st["best_val"]
+        self.best_step = st["best_step"]
+        self.bad_evals = int(st["bad_evals"])
+        self.stopped_early = bool(st["stopped_early"])
+        self.history = list(st["history"])
+        self.last_eval_step = int(st["last_eval_step"])
+        self.guard.load_state_dict(st.get("guard", {}))
+        return True
+
+    def save_checkpoint(self) -> Path | None:
+        if self.out is None:
+            return None
+        return save_checkpoint(
+            self.out,
+            self.global_step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.trainer_state(),
+            keep_last=self.cfg.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _autocast(self):
+        if self.use_bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _batches(self, data: Sequence[EncodedSample], idx: list[int]) -> Batch:
+        return collate([data[i] for i in idx], self.pad_id).to(self.device, non_blocking=True)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """Micro-batch index lists of ``epoch`` (a permutation seeded by seed + epoch)."""
+        return batch_indices(
+            len(self.train_data), self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + epoch
+        )
+
+    @torch.no_grad()
+    def evaluate(self, data: Sequence[EncodedSample] | None = None) -> float:
+        """Mean target-token cross-entropy (nats/token) over ``data`` (default: validation)."""
+        data = self.valid_data if data is None else list(data)
+        if not data:
+            raise ConfigError("SFTTrainer.evaluate: no validation data")
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for idx in batch_indices(len(data), self.cfg.eval_batch_size):
+            batch = self._batches(data, idx)
+            with self._autocast():
+                _, nll = sft_loss(self.model, batch)
+            total += nll.double()
+            count += int(batch.target_mask.sum())
+        self.model.train(was_training)
+        return float(total) / max(1, count)
+
+    def _train_step(self, windows: list[list[int]]) -> dict[str, Any]:
+        """One optimizer step over the micro-batches ``windows`` (token-weighted mean loss)."""
+        cpu = [collate([self.train_data[i] for i in idx], self.pad_id) for idx in windows]
+        n_tok = sum(int(b.target_mask.sum()) for b in cpu)  # counted on the host: no sync
+        n_all = n_tok + sum(int(b.prompt_mask.sum()) for b in cpu)
+        batches = [b.to(self.device, non_blocking=True) for b in cpu]
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            with self._autocast():
+                loss, _ = sft_loss(self.model, batch, n_tok)
+            loss.backward()
+            loss_sum += loss.detach().float()
+        grad_norm = clip_grad_norm(self.params, self.cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        good = self.guard.ok(loss_sum, grad_norm)
+        if good:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {
+            "loss": float(loss_sum),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "target_tokens": n_tok,
+            "tokens": n_all,
+            "skipped": not good,
+        }
+
+    def _validate_and_track(self, kind: str) -> bool:
+        """Validate, update best / early stopping; True when training should stop."""
+        if not self.valid_data:
+            return False
+        val = self.evaluate()
+        self.last_eval_step = self.global_step
+        improved = self.best_val is None or val < self.best_val
+        rec = {"event": kind, "epoch": self.epoch, "val_loss": val, "improved": improved}
+        self.history.append({"step": self.global_step, **rec})
+        if self._logger is not None:
+            self._logger.log(rec, step=self.global_step)
+        if improved:
+            self.best_val, self.best_step, self.bad_evals = val, self.global_step, 0
+            if self.out is not None:
+                atomic_dir(self.out / "best", lambda d: save_model_weights(self.model, d))
+            elif self.cfg.load_best_at_end:  # no output dir: keep the best weights in memory
+                self._best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+                }
+            return False
+        self.bad_evals += 1
+        return self.bad_evals >= self.cfg.patience
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> SFTResult:
+        """Run (or continue) training; returns the summary. Raises TrainingError after
+        ``max_bad_steps`` consecutive non-finite steps (the last checkpoint stays intact)."""
+        cfg = self.cfg
+        if self.global_step == 0 and self.micro == 0 and self.epoch == 0:
+            seed_everything(cfg.seed)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tb = self.out / "tensorboard" if cfg.tensorboard else None
+            self._logger = JsonlLogger(self.out / "sft_log.jsonl", tensorboard_dir=tb)
+        bar = progress_bar(self.total_steps, "sft", cfg.progress, initial=self.global_step)
+        self.model.train()
+        done = self.stopped_early or self.global_step >= self.total_steps
+        t0, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
+        try:
+            while not done and self.epoch < cfg.epochs:
+                order = self.epoch_order(self.epoch)
+                while self.micro < len(order) and not done:
+                    windows = order[self.micro : self.micro + cfg.grad_accum]
+                    rec = self._train_step(windows)
+                    self.micro += len(windows)
+                    self.global_step += 1
+                    tok_window += rec["tokens"]
+                    loss_window += rec["loss"]
+                    n_window += 1
+                    dt = time.perf_counter() - t0
+                    rec["tokens_per_s"] = tok_window / dt if dt > 0 else 0.0
+                    rec["epoch"] = self.epoch + self.micro / len(order)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4f}",
+                        lr=f"{rec['lr']:.2e}",
+                        tok_s=f"{rec['tokens_per_s']:.0f}",
+                    )
+                    if self._logger is not None and (
+                        self.global_step % cfg.logging_steps == 0 or self.global_step == 1
+                    ):
+                        self._logger.log(
+                            {**rec, "loss_avg": loss_window / n_window}, step=self.global_step
+                        )
+                        t0, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
+                    for cb in self.callbacks:
+                        cb(self, rec)
+                    if cfg.eval_steps and self.global_step % cfg.eval_steps == 0:
+                        self.stopped_early = self._validate_and_track("eval")
+                        done = self.stopped_early
+                    if self.global_step >= self.total_steps:
+                        done = True
+                    at_epoch_end = self.micro >= len(order)
+                    if (at_epoch_end or done) and self.last_eval_step != self.global_step:
+                        stop = self._validate_and_track("epoch_end" if at_epoch_end else "final")
+                        if at_epoch_end and stop:
+                            self.stopped_early = done = True
+                    if at_epoch_end:
+                        self.epoch += 1
+                        self.micro = 0
+                    saving = cfg.save_steps and self.global_step % cfg.save_steps == 0
+                    if at_epoch_end or done or saving:
+                        self.save_checkpoint()
+                    if at_epoch_end:
+                        break  # next epoch: new order
+        finally:
+            bar.close()
+            if self._logger is not None:
+                self._logger.close()
+                self._logger = None
+        best_dir = None
+        if self.out is not None and (self.out / "best").is_dir():
+            best_dir = str(self.out / "best")
+            if cfg.load_best_at_end:
+                load_model_weights(self.model, self.out / "best")
+        elif cfg.load_best_at_end and self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
+        return SFTResult(
+            global_step=self.global_step,
+            epochs_completed=self.epoch,
+            best_val_loss=self.best_val,
+            best_step=self.best_step,
+            stopped_early=self.stopped_early,
+            history=list(self.history),
+            best_dir=best_dir,
+        )
