@@ -23,7 +23,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedTokenizerFast,
+)
 
 from ..errors import ConfigError, LatentR3Error
 from .ratt import LatentRATT, last_index, token_positions
@@ -135,6 +140,26 @@ def _checkpointed_forward(layer: nn.Module, idx: int, orig: Any, cache_kw: str) 
         return torch.utils.checkpoint.checkpoint(run, hidden_states, use_reentrant=False)
 
     return forward
+
+
+def load_tokenizer(name_or_path: str | Path) -> Any:
+    """Load a tokenizer exactly as it was saved.
+
+    A tokenizer saved from a plain ``tokenizers`` backend (e.g. the tiny BPE of the embedded
+    default) must be loaded verbatim: ``AutoTokenizer`` would pick the backbone's class from
+    ``config.json`` (Qwen2Tokenizer) and rebuild the pre-tokenizer, silently changing how
+    digits are split, so a saved model would see different tokens than it was trained on.
+    """
+    path = Path(name_or_path)
+    cfg_file = path / "tokenizer_config.json"
+    if path.is_dir() and cfg_file.is_file() and (path / "tokenizer.json").is_file():
+        try:
+            tok_class = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        except json.JSONDecodeError:
+            tok_class = None
+        if tok_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(name_or_path))
 
 
 class LatentReasoner(nn.Module):
@@ -509,6 +534,18 @@ class LatentReasoner(nn.Module):
             }
         return cfg
 
+    def recommend(self, histories: Any, k: int = 10, **kwargs: Any) -> Any:
+        """Top-k catalogue items per user; see :func:`latentr3_fast.decode.recommend`.
+
+        Args:
+            histories: per user, a list of history titles (or item ids with ``catalog=``).
+            k: items returned per user.
+            kwargs: ``catalog``, ``category``, ``num_beams``, ``length_penalty``, ... passed on.
+        """
+        from ..decode import recommend
+
+        return recommend(self, histories, k, **kwargs)
+
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write backbone (HF format, safetensors), tokenizer, LatentRATT weights
         (``latent_ratt.safetensors``) and ``latentr3_config.json`` into one directory, which
@@ -558,9 +595,7 @@ class LatentReasoner(nn.Module):
         dev = resolve_device(device)
         dtype = resolve_dtype(torch_dtype, dev)
         attn = attn_implementation or default_attn_implementation(dev, dtype)
-        tok = (
-            tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(name_or_path))
-        )
+        tok = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
         backbone = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), dtype=dtype, attn_implementation=attn, **backbone_kwargs
         ).to(dev)

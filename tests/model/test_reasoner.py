@@ -6,6 +6,7 @@ import pytest
 import torch
 from ratt_reference import reference_ratt
 
+from latentr3_fast.data import train_tokenizer
 from latentr3_fast.errors import ConfigError, LatentR3Error
 from latentr3_fast.model import THOUGHT_TOKEN, LatentReasoner, tiny_qwen2
 
@@ -236,6 +237,21 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     assert other.num_latent == 1 and other.ratt is None
 
 
+def test_save_load_keeps_tokenization(tmp_path):
+    """The reloaded tokenizer encodes exactly as the trained one (digits included).
+
+    Regression: AutoTokenizer picked Qwen2Tokenizer from config.json and split " 3" into
+    " " + "3", so a saved model saw other tokens than it was trained on.
+    """
+    texts = [f'"The Quiet Tower Mystery Vol. {i}"\n' for i in range(1, 12)] * 20
+    tok = train_tokenizer(texts + ["Below is an instruction 2024"], vocab_size=400)
+    model = tiny_qwen2(tok, hidden_size=32, seed=1)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = LatentReasoner.from_pretrained(tmp_path / "ckpt", device="cpu")
+    probe = [*texts[:11], "Vol. 10 and 2024 and 3.5"]
+    assert [loaded.tokenizer.encode(t) for t in probe] == [tok.encode(t) for t in probe]
+
+
 def test_from_plain_hf_backbone_adds_thought_token(tokenizer, tmp_path):
     """A plain HF model dir (no thought token yet) gets the token and resized embeddings."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -297,3 +313,18 @@ def test_gradient_checkpointing_same_gradients(tokenizer, n):
     assert set(plain) == set(ckpt)
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_recommend_method_matches_function(tokenizer):
+    """``reasoner.recommend`` is the decode-layer ``recommend`` bound to the model."""
+    from latentr3_fast.data import make_synthetic
+    from latentr3_fast.decode import recommend
+
+    ds = make_synthetic(num_items=30, num_users=20, seed=3)
+    tok = train_tokenizer([t + "\n" for t in ds.items.titles] * 3, vocab_size=300)
+    model = tiny_qwen2(tok, hidden_size=32, seed=2).eval()
+    histories = [list(s.history_titles) for s in ds.test[:2]]
+    a = model.recommend(histories, k=3, catalog=ds, num_beams=4)
+    b = recommend(model, histories, 3, catalog=ds, num_beams=4)
+    assert a == b
+    assert all(len(row) == 3 for row in a)
