@@ -38,7 +38,8 @@ class CMakeBuild(build_ext):
         cmake = shutil.which("cmake")
         if cmake is None:
             raise _missing_tool_error(
-                "CMake >= 3.18", "`apt-get install cmake`, `brew install cmake` or `pip install cmake`"
+                "CMake >= 3.18",
+                "`apt-get install cmake`, `brew install cmake` or `pip install cmake`",
             )
         cxx = os.environ.get("CXX")
         if not (cxx and shutil.which(cxx)) and not any(
@@ -70,7 +71,10 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=find_packages(include=["latentr3_fast", "latentr3_fast.*"]) + ["latentr3_fast.kernels"],
+    packages=[
+        *find_packages(include=["latentr3_fast", "latentr3_fast.*"]),
+        "latentr3_fast.kernels",
+    ],
     package_dir={"latentr3_fast.kernels": "kernels"},
     ext_modules=[CMakeExtension("latentr3_fast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
