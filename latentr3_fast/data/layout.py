@@ -120,8 +120,10 @@ def find_split_file(root: Path, split: str, name: str) -> Path:
 # Fast paths that accept only strings ast.literal_eval parses to the same value (checked in
 # tests/data); anything else goes through ast.literal_eval itself. Int lists are 5x faster this
 # way, and the unused columns (asins, ratings, timestamps) need only a validity check.
-_INT_LIST = re.compile(r"\[(?:-?\d+(?:, ?-?\d+)*)?\]\Z")
-_NUM = r"(?:-?\d+(?:\.\d*)?(?:e[-+]?\d+)?|None)"
+# [0-9], not \d: \d also matches non-ASCII digits ('٣'), which int() reads but
+# ast.literal_eval rejects.
+_INT_LIST = re.compile(r"\[(?:-?[0-9]+(?:, ?-?[0-9]+)*)?\]\Z")
+_NUM = r"(?:-?[0-9]+(?:\.[0-9]*)?(?:e[-+]?[0-9]+)?|None)"
 _STR = r"'[^'\\\n]*'"
 _TRIVIAL_LIST = re.compile(rf"\[(?:{_NUM}(?:, ?{_NUM})*|{_STR}(?:, ?{_STR})*)?\]\Z")
 
@@ -219,6 +221,14 @@ def read_split(path: str | os.PathLike, num_items: int) -> list[Sample]:
                 raise fail(f"expected a list of strings, got {row[i_ht][:80]!r}")
             if len(ht) != len(hid):
                 raise fail(f"{len(ht)} titles for {len(hid)} history ids")
+            if "\\" in row[i_ht]:  # only an escape ('\\ud800') can make a lone surrogate
+                for t in ht:
+                    try:
+                        t.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise fail(
+                            f"title {t[:40]!r} is not valid text ({e.reason} at {e.start})"
+                        ) from None
             column = "item_id"
             try:
                 tid = int(row[i_id])

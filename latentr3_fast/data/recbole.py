@@ -13,6 +13,7 @@ a warning that counts them.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -106,6 +107,10 @@ def load_recbole(
             raise DataError(
                 f"{inter_path}: line {ln}, column timestamp: {parts[k_ts]!r} is not a number"
             ) from None
+        if not math.isfinite(ts):  # a NaN key makes the temporal sort order arbitrary
+            raise DataError(
+                f"{inter_path}: line {ln}, column timestamp: {parts[k_ts]!r} is not finite"
+            )
         iid = parts[k_i]
         if iid not in title_of:
             dropped += 1

@@ -5,7 +5,10 @@
 * gradient clipping and a non-finite guard (skip the step; stop after N in a row);
 * seeding and RNG state capture (python, numpy, torch CPU + CUDA);
 * atomic checkpoints: everything is written into a temporary sibling directory, then
-  ``os.replace``-d into place, so a killed run never leaves a half-written checkpoint;
+  ``os.replace``-d into place, so a killed run never leaves a half-written checkpoint; pruned
+  checkpoints are renamed to a hidden name before removal, and what killed writers leave
+  behind (``.NAME.tmp-PID`` / ``.NAME.old-PID`` / ``.NAME.deleting-PID``) is restored or
+  removed by the next save (:func:`recover_dir`);
 * a JSON-lines logger (optionally mirrored to TensorBoard) and a tqdm progress bar.
 
 Checkpoint layout (``save_checkpoint``)::
@@ -15,10 +18,12 @@ Checkpoint layout (``save_checkpoint``)::
                                 or model.safetensors for a plain nn.Module
         optimizer.pt  scheduler.pt  rng.pt
         trainer_state.json      step, data position and whatever the trainer adds
+        checkpoint_complete.json   written last: every file's size (checked when listing)
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -26,6 +31,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -48,11 +54,14 @@ __all__ = [
     "checkpoint_dirs",
     "clip_grad_norm",
     "get_rng_state",
+    "is_complete_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
     "load_model_weights",
     "lr_lambda",
     "progress_bar",
+    "recover_checkpoints",
+    "recover_dir",
     "save_checkpoint",
     "save_model_weights",
     "seed_everything",
@@ -62,7 +71,10 @@ __all__ = [
 OPTIMIZERS = ("adamw", "adamw_8bit")
 SCHEDULES = ("linear", "cosine", "constant")
 TRAINER_STATE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+COMPLETE_MARKER = "checkpoint_complete.json"
+_STEP_DIR = re.compile(r"^step-([0-9]+)$")
+# hidden siblings made by atomic_dir / pruning: .NAME.tmp-PID, .NAME.old-PID, .NAME.deleting-PID
+_HIDDEN_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|deleting)-(?P<pid>[0-9]+)$")
 
 
 # ------------------------------------------------------------------------- seeding / RNG
@@ -217,16 +229,28 @@ class NonFiniteGuard:
     The trainer's last checkpoint stays the last good state (nothing is saved from a bad step).
     """
 
-    def __init__(self, max_bad_steps: int = 5, where: str = "training") -> None:
+    def __init__(
+        self,
+        max_bad_steps: int = 5,
+        where: str = "training",
+        output_dir: str | Path | None = None,
+    ) -> None:
+        """``output_dir`` (optional): where the trainer checkpoints, so the error can name the
+        last good checkpoint (looked up only when raising)."""
         if max_bad_steps < 1:
             raise ConfigError(f"max_bad_steps={max_bad_steps}: must be >= 1")
         self.max_bad_steps = max_bad_steps
         self.where = where
+        self.output_dir = output_dir
         self.consecutive = 0
         self.total = 0
 
-    def ok(self, *values: torch.Tensor | float) -> bool:
-        """True when every value is finite; otherwise count it (and raise at the limit)."""
+    def ok(self, *values: torch.Tensor | float, step: int | None = None) -> bool:
+        """True when every value is finite; otherwise count it (and raise at the limit).
+
+        ``step`` (optional): the 1-based number of the step these values belong to; the
+        error then says at which step training stopped.
+        """
         finite = all(
             bool(torch.isfinite(v).all()) if isinstance(v, torch.Tensor) else math.isfinite(v)
             for v in values
@@ -237,10 +261,24 @@ class NonFiniteGuard:
         self.consecutive += 1
         self.total += 1
         if self.consecutive >= self.max_bad_steps:
+            at = ""
+            if step is not None:
+                first = int(step) - self.consecutive + 1
+                at = f" at step {int(step)} (non-finite since step {first})"
+            last = None
+            if self.output_dir is not None:
+                try:
+                    last = latest_checkpoint(self.output_dir)
+                except OSError:  # only decorates the message: never hide the real error
+                    last = None
+            kept = (
+                f"The last good checkpoint is kept at {last}."
+                if last is not None
+                else "The last checkpoint written before them (if any) is intact."
+            )
             raise TrainingError(
                 f"{self.where}: {self.consecutive} consecutive steps with a non-finite loss or "
-                f"gradient norm (max_bad_steps={self.max_bad_steps}); stopping. The last "
-                "checkpoint written before them is intact."
+                f"gradient norm{at} (max_bad_steps={self.max_bad_steps}); stopping. {kept}"
             )
         return False
 
@@ -253,14 +291,98 @@ class NonFiniteGuard:
 
 
 # ------------------------------------------------------------------------- checkpoints
+def _pid_in_flight(pid: int) -> bool:
+    """True when ``pid`` may still be writing: another live process. Our own pid is never
+    in flight here (saves are sequential within a process); zombies count as dead."""
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OverflowError, OSError):
+        return False
+    try:  # Linux: a killed but not yet reaped child is a zombie ("Z"), not a writer
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+    except (OSError, ValueError):
+        return True
+
+
+def _discard(path: Path, name: str) -> None:
+    """Remove a directory so that a kill at any point leaves only a hidden
+    ``.NAME.deleting-PID`` (never a half-removed ``NAME`` or ``.NAME.old``)."""
+    doomed = path.with_name(f".{name}.deleting-{os.getpid()}")
+    if doomed != path:
+        if doomed.exists():
+            shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            os.replace(path, doomed)
+        except FileNotFoundError:
+            return
+        except OSError:
+            doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def recover_dir(parent: str | Path, clean: bool = True) -> list[Path]:
+    """Repair what killed :func:`atomic_dir` calls (or prunes) left in ``parent``.
+
+    * ``.NAME.old-PID`` of a dead writer while ``NAME`` is missing (killed between the two
+      renames of a replace): renamed back to ``NAME`` -- it is the complete previous version.
+    * with ``clean``: stale ``.NAME.tmp-PID`` (partial writes), ``.NAME.deleting-PID``
+      (interrupted removals) and superfluous ``.NAME.old-PID`` are removed.
+
+    Entries of other live processes are left alone (pid check; pids are per machine, so
+    writers on several hosts must not share one directory). Returns the restored paths.
+    """
+    parent = Path(parent)
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    olds: dict[str, list[Path]] = {}
+    for p in entries:
+        m = _HIDDEN_DIR.match(p.name)
+        if m is None or not p.is_dir() or p.is_symlink():
+            continue
+        if _pid_in_flight(int(m["pid"])):
+            continue
+        if m["kind"] == "old":
+            olds.setdefault(m["name"], []).append(p)
+        elif clean:
+            shutil.rmtree(p, ignore_errors=True)
+    restored = []
+    for name, cands in olds.items():
+        target = parent / name
+        if not target.exists():
+            cands.sort(key=lambda c: c.stat().st_mtime if c.exists() else -1.0)
+            best = cands.pop()
+            try:
+                os.replace(best, target)
+                restored.append(target)
+            except OSError:  # another process restored it first, or a read-only directory
+                pass
+        if clean:
+            for c in cands:
+                _discard(c, name)
+    return restored
+
+
 def atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` on a fresh temporary sibling directory, then rename it to ``final``.
 
-    An existing ``final`` is replaced only after the new one is complete (it is first renamed
-    aside, so at every moment one complete version exists under ``final`` or its ``.old``).
+    An existing ``final`` is replaced only after the new one is complete: it is first renamed
+    to ``.NAME.old-PID``, so at every moment one complete version exists under ``final`` or
+    that name; a kill between the two renames is repaired by :func:`recover_dir` (run at the
+    start of every call and by :func:`checkpoint_dirs`), which also removes the temporary
+    directories of killed writers.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final.parent)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -273,9 +395,15 @@ def atomic_dir(final: str | Path, write: Callable[[Path], None]) -> Path:
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old, final.name)
     return final
 
 
@@ -327,17 +455,61 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> None:
         ratt.load_state_dict(load_file(str(directory / RATT_WEIGHTS_NAME)))
 
 
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a whole checkpoint: every file named by its
+    ``checkpoint_complete.json`` exists with the recorded size (``trainer_state.json`` need
+    only exist: it may be edited by hand). Checkpoints written before that marker existed need
+    ``trainer_state.json``, ``rng.pt`` and a ``*.safetensors`` in ``model``."""
+    path = Path(path)
+    marker = path / COMPLETE_MARKER
+    if marker.is_file():
+        try:
+            files = json.loads(marker.read_text())["files"]
+            return all(
+                (path / rel).is_file()
+                if rel == TRAINER_STATE
+                else (path / rel).stat().st_size == size
+                for rel, size in files.items()
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+    return (
+        (path / TRAINER_STATE).is_file()
+        and (path / "rng.pt").is_file()
+        and any((path / "model").glob("*.safetensors"))
+    )
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest first."""
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest first.
+
+    A checkpoint a killed save had renamed aside (``.step-N.old-PID``, ``step-N`` missing) is
+    renamed back first; incomplete ``step-N`` directories are skipped with a warning.
+    """
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
+    recover_dir(root, clean=False)
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and (p / TRAINER_STATE).is_file():
-            found.append((int(m.group(1)), p))
+        if m and p.is_dir():
+            if is_complete_checkpoint(p):
+                found.append((int(m.group(1)), p))
+            else:
+                warnings.warn(f"{p}: incomplete checkpoint, ignored", stacklevel=2)
     return [p for _, p in sorted(found)]
+
+
+def recover_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Trainer start: restore a checkpoint a killed save left renamed aside and remove the
+    temporary / half-deleted directories of dead writers under ``output_dir/checkpoints``
+    (:func:`recover_dir`); returns the complete checkpoints, oldest first. ``save_checkpoint``
+    does the same before every save."""
+    root = Path(output_dir) / "checkpoints"
+    if root.is_dir():
+        recover_dir(root)
+    return checkpoint_dirs(output_dir)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -368,11 +540,20 @@ def save_checkpoint(
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(get_rng_state(), tmp / "rng.pt")
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        # written last: lets listing tell a whole checkpoint from one damaged in place
+        files = {
+            f.relative_to(tmp).as_posix(): f.stat().st_size
+            for f in sorted(tmp.rglob("*"))
+            if f.is_file()
+        }
+        marker = {"step": int(step), "files": files}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
     atomic_dir(final, write)
     if keep_last > 0:
+        # rename first, then delete: a kill mid-removal leaves only a hidden .deleting dir
         for old in checkpoint_dirs(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old, old.name)
     return final
 
 
@@ -392,6 +573,10 @@ def load_checkpoint(
     path = Path(path)
     if not (path / TRAINER_STATE).is_file():
         raise TrainingError(f"{path}: not a complete checkpoint (no {TRAINER_STATE})")
+    if not is_complete_checkpoint(path):
+        raise TrainingError(
+            f"{path}: not a complete checkpoint (files missing or truncated; see {COMPLETE_MARKER})"
+        )
     load_model_weights(model, path / "model")
     dev = next(model.parameters()).device
     if optimizer is not None and (path / "optimizer.pt").is_file():
@@ -407,14 +592,30 @@ def load_checkpoint(
 class JsonlLogger:
     """Appends one JSON object per ``log`` call to ``path`` (flushed at once); optionally
     mirrors numeric fields to TensorBoard (``tensorboard_dir``; needs the tensorboard package).
+
+    ``resume_step``: the step of the checkpoint a run continues from. Records an earlier,
+    killed run logged after that checkpoint (``step > resume_step``, and step-less records
+    after the first of them) would be logged again by the resumed run, so they are dropped
+    first (the file is rewritten atomically; a torn last line goes too). ``None`` (default):
+    plain append. A file whose last line was torn by a kill gets a newline before appending.
     """
 
-    def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        tensorboard_dir: str | Path | None = None,
+        resume_step: int | None = None,
+    ) -> None:
         self.path = Path(path) if path is not None else None
         self._fh = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                self._drop_after(int(resume_step))
             self._fh = self.path.open("a", encoding="utf-8")
+            if self._fh.tell() > 0 and not self._ends_with_newline():
+                self._fh.write("\n")  # do not glue the next record onto a torn line
+                self._fh.flush()
         self._tb = None
         if tensorboard_dir is not None:
             try:
@@ -424,6 +625,47 @@ class JsonlLogger:
                     f"tensorboard=True needs the tensorboard package ({e}); pip install tensorboard"
                 ) from e
             self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def _ends_with_newline(self) -> bool:
+        with self.path.open("rb") as f:  # type: ignore[union-attr]
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def _drop_after(self, resume_step: int) -> None:
+        """Rewrite the log without the records logged after step ``resume_step``."""
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")  # type: ignore[union-attr]
+        except FileNotFoundError:
+            return
+        kept: list[str] = []
+        dropping = False
+        lines = text.split("\n")
+        torn = lines[-1] != ""  # a kill mid-write leaves a last line without its newline
+        for line in lines[:-1] if not torn else lines:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn line: never a whole record
+            step = rec.get("step") if isinstance(rec, dict) else None
+            if isinstance(step, int | float) and step > resume_step:
+                dropping = True
+                continue
+            if step is None and dropping:
+                continue
+            kept.append(line)
+        new = "".join(line + "\n" for line in kept)
+        if new == text:
+            return
+        path: Path = self.path  # type: ignore[assignment]
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # killed rewrites
+            m = _HIDDEN_DIR.match(stale.name)
+            if m and stale.is_file() and not _pid_in_flight(int(m["pid"])):
+                stale.unlink(missing_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(new, encoding="utf-8")
+        os.replace(tmp, path)
 
     def log(self, record: dict[str, Any], step: int | None = None) -> None:
         """Write ``record`` (plus ``step`` and wall time) as one line."""
