@@ -388,7 +388,9 @@ class GRPOTrainer:
         self.scheduler = build_scheduler(
             self.optimizer, config.schedule, config.warmup_steps, self.total_steps
         )
-        self.guard = NonFiniteGuard(config.max_bad_steps, where="GRPO")
+        self.guard = NonFiniteGuard(
+            config.max_bad_steps, where="GRPO", output_dir=config.output_dir
+        )
         self.global_step = 0  # optimizer steps done
         self.rollout_index = 0  # rollouts done
         self.history: list[dict[str, float]] = []
@@ -653,7 +655,8 @@ class GRPOTrainer:
             agg = self.accumulate_gradients(micro, adv)
             grad_norm = self._reduce_and_clip()
             loss_total = self._sum_scalar(agg["loss"])
-            ok = self.guard.ok(loss_total, grad_norm)  # raises TrainingError after N bad
+            # raises TrainingError after N bad steps in a row
+            ok = self.guard.ok(loss_total, grad_norm, step=self.global_step + 1)
             if ok:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -745,6 +748,8 @@ class GRPOTrainer:
             tensorboard_dir=(
                 self.out_dir / "tb" if (cfg.tensorboard and self.out_dir and main) else None
             ),
+            # drop records of steps after the resumed checkpoint: they are redone now
+            resume_step=self.global_step if cfg.resume else None,
         )
         bar = progress_bar(
             self.total_steps, desc="grpo", enabled=cfg.progress and main, initial=self.global_step
