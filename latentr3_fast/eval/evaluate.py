@@ -91,8 +91,8 @@ def evaluate(
         rank_batch,
     )
 
-    if rank not in ("beam", "exact"):
-        raise ConfigError(f"rank={rank!r}: expected 'beam' or 'exact'")
+    if rank not in ("beam", "exact", "ground"):
+        raise ConfigError(f"rank={rank!r}: expected 'beam', 'exact' or 'ground'")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
     samples = list(dataset.split(split))
@@ -114,19 +114,29 @@ def evaluate(
 
         bar = tqdm(total=len(samples), desc=f"eval {split} ({rank})", leave=False)
     try:
+        index = None
+        if rank == "ground":  # BIGRec: free generation grounded by title embeddings
+            from latentr3_fast.decode.grounding import TitleIndex
+
+            index = TitleIndex(reasoner, titles)
         for a in range(0, len(order), batch_size):
             idx = order[a : a + batch_size].tolist()
-            res = rank_batch(
-                reasoner,
-                [encoded[i] for i in idx],
-                trie,
-                k=n_return,
-                num_beams=num_beams,
-                length_penalty=length_penalty,
-                rank=rank,
-                backend=backend,
-                max_new_tokens=max_new_tokens,
-            )
+            if index is not None:
+                from latentr3_fast.decode.grounding import ground_batch
+
+                res = ground_batch(reasoner, [encoded[i] for i in idx], index, n_return)
+            else:
+                res = rank_batch(
+                    reasoner,
+                    [encoded[i] for i in idx],
+                    trie,
+                    k=n_return,
+                    num_beams=num_beams,
+                    length_penalty=length_penalty,
+                    rank=rank,
+                    backend=backend,
+                    max_new_tokens=max_new_tokens,
+                )
             scores = res.scores.float().cpu().tolist()
             for row, i in enumerate(idx):
                 s = samples[i]
