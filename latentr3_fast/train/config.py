@@ -68,13 +68,11 @@ class RunConfig:
 
     # --- synthetic data / tiny model (embedded default only) ---
     synthetic_items: int = field(default=400, metadata={"help": "items of the synthetic catalogue"})
-    synthetic_users: int = field(
-        default=1200, metadata={"help": "users of the synthetic catalogue"}
-    )
+    synthetic_users: int = field(default=600, metadata={"help": "users of the synthetic catalogue"})
     tiny_hidden_size: int = field(
         default=128, metadata={"help": "hidden size of the tiny backbone"}
     )
-    tiny_layers: int = field(default=2, metadata={"help": "layers of the tiny backbone"})
+    tiny_layers: int = field(default=1, metadata={"help": "layers of the tiny backbone"})
     tokenizer_vocab: int = field(
         default=1024, metadata={"help": "BPE vocabulary of the tiny tokenizer"}
     )
@@ -161,7 +159,8 @@ class RunConfig:
         metadata={"help": "one or more: 1.0 = BIGRec scoring, 0.0 = D3 scoring"},
     )
     rank: str = field(
-        default="beam", metadata={"help": "beam | exact (full-catalogue teacher-forced)"}
+        default="beam",
+        metadata={"help": "beam | exact (full-catalogue teacher-forced) | ground (BIGRec L2)"},
     )
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
 
@@ -173,7 +172,7 @@ class RunConfig:
             "template": ("reference", "clean"),
             "advantage": ("batch", "group", "none"),
             "optim": ("adamw", "adamw_8bit"),
-            "rank": ("beam", "exact"),
+            "rank": ("beam", "exact", "ground"),
             "reward": ("ppl", "hit"),
             "trainable": ("latent", "all"),
             "dtype": ("auto", "fp32", "bf16", "fp16"),

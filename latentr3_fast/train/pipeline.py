@@ -33,7 +33,7 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
     "sft_lr": 3e-3,
     "sft_batch_size": 32,
     "sft_micro_batch_size": 32,
-    "sft_epochs": 6.0,
+    "sft_epochs": 3.0,
     "sft_warmup_steps": 20,
     "sft_patience": 2,
     "grpo_lr": 3e-4,
@@ -152,18 +152,29 @@ def build_model(cfg: RunConfig, dataset: Any, num_latent: int, tokenizer: Any = 
             device=device,
             attn_implementation=cfg.attn_implementation,
         )
+    check_model_path(cfg)
+    try:
+        return LatentReasoner.from_pretrained(
+            cfg.model,
+            num_latent=num_latent,
+            latent_mode=cfg.latent_mode,
+            torch_dtype=dtype,
+            device=device,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except OSError as exc:  # HF: unknown hub name, no network, missing files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--model {cfg.model}: cannot be loaded ({first})") from exc
+
+
+def check_model_path(cfg: RunConfig) -> None:
+    """ConfigError when --model looks like a local path but is not a directory."""
+    if cfg.model is None:
+        return
     local = Path(cfg.model)
     looks_local = cfg.model.startswith((".", "/", "~")) or local.exists()
     if looks_local and not local.is_dir():
         raise ConfigError(f"--model {cfg.model}: no such directory")
-    return LatentReasoner.from_pretrained(
-        cfg.model,
-        num_latent=num_latent,
-        latent_mode=cfg.latent_mode,
-        torch_dtype=dtype,
-        device=device,
-        attn_implementation=cfg.attn_implementation,
-    )
 
 
 def load_stage_model(cfg: RunConfig, out: Path, stage: str):
@@ -266,7 +277,14 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
         seed=cfg.seed,
         resume=cfg.resume,
     )
-    return GRPOTrainer(model, grpo_cfg, train).train()
+    reward = None
+    if cfg.reward == "hit":
+        from ..decode.recommend import catalogue_trie
+        from .rewards import HitReward, beam_decoder
+
+        eos = model.tokenizer.eos_token_id
+        reward = HitReward(beam_decoder(catalogue_trie(dataset.items, pb)), eos_id=eos)
+    return GRPOTrainer(model, grpo_cfg, train, reward=reward).train()
 
 
 def evaluate_models(
@@ -344,14 +362,17 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
 
     rank, world = init_distributed()
     say = print_fn if rank == 0 else (lambda *a, **k: None)
-    out = prepare_output_dir(cfg, rank)
-    if rank == 0:
-        save_config(cfg, out / "config.yaml")
+    # bad --data / --model paths fail BEFORE anything is written to --output-dir (a failed
+    # start must not leave a "run" there that blocks the corrected command)
+    check_model_path(cfg)
     torch.manual_seed(cfg.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dataset = load_data(cfg)
     timings["data"] = time.perf_counter() - t0
+    out = prepare_output_dir(cfg, rank)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
     say(
         f"data: {dataset.name} ({len(dataset.train)}/{len(dataset.valid)}/{len(dataset.test)} "
         f"train/valid/test rows, {len(dataset.items)} items)"

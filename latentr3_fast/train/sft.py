@@ -11,6 +11,18 @@ gradient-accumulation window), so the result does not depend on how the window i
 Reference hyper-parameters (the defaults): AdamW lr 3e-4, effective batch 128 (16 x 8),
 warmup 20 steps, linear decay, at most 3 epochs, early stopping on validation loss with
 patience 1, bf16 on CUDA; the best checkpoint is kept and reloaded at the end.
+
+Distributed (torchrun; gloo on CPU, NCCL on GPU): when ``torch.distributed`` is initialised,
+every rank walks the SAME global order; the sample indices of one optimizer step (up to
+``batch_size * grad_accum``) are split into contiguous, near-equal shares, one per rank, and each
+rank runs its share in micro-batches of at most ``batch_size``. The loss is normalised by the
+GLOBAL target-token count (computed on the host from the sample lengths, so no collective), the
+gradients are summed across ranks in coalesced fp32 buckets (no DDP wrapper: the trainer calls
+``encode_prompt`` / ``suffix_forward``, not ``forward``), so the update equals the one-process
+update with the same global batch. Validation sums nll and token counts across ranks. Rank 0
+alone writes checkpoints, logs and ``best/``, each followed by a barrier; every rank resumes
+from the same checkpoint (a shared file system is assumed). A failed collective (a rank died or
+the process-group timeout passed) raises TrainingError naming the rank.
 """
 
 from __future__ import annotations
@@ -24,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..data import Batch, EncodedSample, batch_indices, collate
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .common import (
     OPTIMIZERS,
     SCHEDULES,
@@ -45,7 +58,7 @@ from .common import (
     seed_everything,
 )
 
-__all__ = ["SFTConfig", "SFTResult", "SFTTrainer", "sft_loss"]
+__all__ = ["SFTConfig", "SFTResult", "SFTTrainer", "rank_share", "sft_loss"]
 
 
 @dataclass
@@ -81,6 +94,7 @@ class SFTConfig:
     progress: bool = True
     resume: bool = False
     max_bad_steps: int = 5
+    bucket_mb: int = 64  # size of one gradient all-reduce bucket (fp32 MiB), distributed only
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in the log
 
     def validate(self) -> None:
@@ -93,6 +107,8 @@ class SFTConfig:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"SFTConfig.{name}={v}: must be >= 1 or None")
+        if self.bucket_mb < 1:
+            raise ConfigError(f"SFTConfig.bucket_mb={self.bucket_mb}: must be >= 1")
         if self.save_steps is not None and self.save_steps < 1:
             raise ConfigError(f"SFTConfig.save_steps={self.save_steps}: must be >= 1 or None")
         if self.optim not in OPTIMIZERS:
@@ -141,6 +157,18 @@ def sft_loss(model: Any, batch: Batch, num_tokens: int | torch.Tensor | None = N
     return nll / denom, nll.detach()
 
 
+def rank_share(indices: Sequence[int], world: int, rank: int) -> list[int]:
+    """The contiguous share of one step's global sample ``indices`` that ``rank`` trains on.
+
+    Shares differ in size by at most one (the first ``len % world`` ranks get the extra
+    sample); a rank may get none when the step holds fewer samples than ranks.
+    """
+    n = len(indices)
+    lo = rank * (n // world) + min(rank, n % world)
+    hi = lo + n // world + (1 if rank < n % world else 0)
+    return list(indices[lo:hi])
+
+
 class SFTTrainer:
     """Supervised training of a LatentReasoner on (prompt, target) pairs.
 
@@ -151,6 +179,8 @@ class SFTTrainer:
         valid_data: encoded validation samples (early stopping needs them).
         pad_id: padding id (default: the tokenizer's pad, else EOS).
         callbacks: called as ``fn(trainer, record)`` after every optimizer step.
+        process_group: group for the gradient / validation all-reduce (default: the world
+            when ``torch.distributed`` is initialised; every rank must hold the same data).
     """
 
     def __init__(
@@ -161,10 +191,16 @@ class SFTTrainer:
         valid_data: Sequence[EncodedSample] | None = None,
         pad_id: int | None = None,
         callbacks: Sequence[Callable[[SFTTrainer, dict[str, Any]], None]] = (),
+        process_group: Any = None,
     ) -> None:
         config.validate()
         self.model = model
         self.cfg = config
+        self.group = process_group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size(process_group) if self.distributed else 1
+        self.rank = dist.get_rank(process_group) if self.distributed else 0
+        self.is_main = self.rank == 0
         self.train_data = list(train_data)[: config.max_train_samples]
         self.valid_data = list(valid_data or [])[: config.max_eval_samples]
         if not self.train_data:
@@ -274,17 +310,95 @@ class SFTTrainer:
         return True
 
     def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0; the other ranks wait at a barrier so none reads a
+        half-written directory). Collective when distributed: call on every rank."""
         if self.out is None:
             return None
-        return save_checkpoint(
-            self.out,
-            self.global_step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.trainer_state(),
-            keep_last=self.cfg.keep_checkpoints,
-        )
+        path = None
+        if self.is_main:
+            path = save_checkpoint(
+                self.out,
+                self.global_step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.trainer_state(),
+                keep_last=self.cfg.keep_checkpoints,
+            )
+        self._barrier("checkpoint")
+        return path
+
+    # ------------------------------------------------------------------ collectives
+    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run a collective; a dead peer or a timeout becomes one clear TrainingError."""
+        try:
+            return fn()
+        except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo/NCCL errors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(
+                f"SFT rank {self.rank}/{self.world}: {what} failed at step "
+                f"{self.global_step + 1} -- another rank probably died or the process-group "
+                f"timeout passed ({first[:300]}). Checkpoints written so far are intact "
+                "(--resume continues)."
+            ) from exc
+
+    def _barrier(self, what: str) -> None:
+        if self.distributed and self.world > 1:
+            self._collective(f"barrier after {what}", lambda: dist.barrier(group=self.group))
+
+    def _all_reduce_(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """In-place sum over ranks (no-op in one process)."""
+        if self.distributed and self.world > 1:
+            self._collective(what, lambda: dist.all_reduce(t, group=self.group))
+        return t
+
+    def _all_reduce_grads(self, extra: torch.Tensor) -> torch.Tensor:
+        """Sum the gradients over ranks in coalesced fp32 buckets; ``extra`` (a small fp32
+        vector, e.g. the loss share) rides in the first bucket. Returns the summed ``extra``.
+
+        A parameter gets a gradient (zeros where a rank had none) when any rank produced one;
+        one with no gradient on every rank keeps ``grad=None`` (as in one process, so AdamW
+        skips it identically).
+        """
+        if not (self.distributed and self.world > 1):
+            return extra
+        params = self.params
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        head = torch.cat([extra.float().reshape(-1).to(self.device), has.to(self.device)])
+        cap = max(1, self.cfg.bucket_mb * (1 << 20) // 4)
+        buckets: list[list[torch.nn.Parameter]] = [[]]
+        size = 0
+        for p in params:
+            if buckets[-1] and size + p.numel() > cap:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(p)
+            size += p.numel()
+        for i, bucket in enumerate(buckets):
+            parts = [head] if i == 0 else []
+            parts += [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                for p in bucket
+            ]
+            flat = torch.cat(parts)
+            self._all_reduce_(flat, "gradient all-reduce")
+            off = 0
+            if i == 0:
+                head = flat[: head.numel()].clone()
+                off = head.numel()
+            for p in bucket:
+                n = p.numel()
+                g = flat[off : off + n].view_as(p)
+                if p.grad is None:
+                    p.grad = g.to(p.dtype).clone()
+                else:
+                    p.grad.copy_(g)
+                off += n
+        used = head[extra.numel() :].cpu() > 0
+        for p, u in zip(params, used.tolist()):
+            if not u:
+                p.grad = None
+        return head[: extra.numel()].view_as(extra)
 
     # ------------------------------------------------------------------ pieces
     def _autocast(self):
@@ -303,28 +417,52 @@ class SFTTrainer:
 
     @torch.no_grad()
     def evaluate(self, data: Sequence[EncodedSample] | None = None) -> float:
-        """Mean target-token cross-entropy (nats/token) over ``data`` (default: validation)."""
+        """Mean target-token cross-entropy (nats/token) over ``data`` (default: validation).
+
+        Distributed: the batches are dealt round-robin to the ranks and the nll sums and token
+        counts are all-reduced, so every rank returns the same value (call on every rank).
+        """
         data = self.valid_data if data is None else list(data)
         if not data:
             raise ConfigError("SFTTrainer.evaluate: no validation data")
         was_training = self.model.training
         self.model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
-        for idx in batch_indices(len(data), self.cfg.eval_batch_size):
+        # [nll sum, target-token count]; fp64 so the sum does not depend much on the split
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        batches = batch_indices(len(data), self.cfg.eval_batch_size)
+        for idx in batches[self.rank :: self.world]:
             batch = self._batches(data, idx)
             with self._autocast():
                 _, nll = sft_loss(self.model, batch)
-            total += nll.double()
-            count += int(batch.target_mask.sum())
+            acc[0] += nll.double()
+            acc[1] += sum(len(data[i].target_ids) for i in idx)
         self.model.train(was_training)
-        return float(total) / max(1, count)
+        self._all_reduce_(acc, "validation all-reduce")
+        total, count = acc.tolist()
+        return total / max(1.0, count)
+
+    def step_micro_batches(self, windows: list[list[int]]) -> list[list[int]]:
+        """This rank's micro-batches (index lists) of the optimizer step whose GLOBAL
+        micro-batches are ``windows``: one process runs ``windows`` as they are; with W ranks
+        the step's samples are split into contiguous shares (:func:`rank_share`), each run in
+        micro-batches of at most ``batch_size``."""
+        if self.world == 1:
+            return [list(w) for w in windows]
+        share = rank_share([i for w in windows for i in w], self.world, self.rank)
+        bs = self.cfg.batch_size
+        return [share[i : i + bs] for i in range(0, len(share), bs)]
 
     def _train_step(self, windows: list[list[int]]) -> dict[str, Any]:
-        """One optimizer step over the micro-batches ``windows`` (token-weighted mean loss)."""
-        cpu = [collate([self.train_data[i] for i in idx], self.pad_id) for idx in windows]
-        n_tok = sum(int(b.target_mask.sum()) for b in cpu)  # counted on the host: no sync
-        n_all = n_tok + sum(int(b.prompt_mask.sum()) for b in cpu)
+        """One optimizer step over the global micro-batches ``windows`` (token-weighted mean
+        loss over the whole global step, gradients summed over ranks)."""
+        data = self.train_data
+        step_idx = [i for w in windows for i in w]
+        # global counts from the sample lengths (targets are unpadded lists): no collective
+        n_tok = sum(len(data[i].target_ids) for i in step_idx)
+        n_all = n_tok + sum(len(data[i].prompt_ids) for i in step_idx)
+        cpu = [
+            collate([data[i] for i in idx], self.pad_id) for idx in self.step_micro_batches(windows)
+        ]
         batches = [b.to(self.device, non_blocking=True) for b in cpu]
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
@@ -332,9 +470,26 @@ class SFTTrainer:
                 loss, _ = sft_loss(self.model, batch, n_tok)
             loss.backward()
             loss_sum += loss.detach().float()
+        loss_sum = self._all_reduce_grads(loss_sum.reshape(1)).reshape(())
         grad_norm = clip_grad_norm(self.params, self.cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        good = self.guard.ok(loss_sum, grad_norm)
+        try:
+            good = self.guard.ok(loss_sum, grad_norm)
+        except TrainingError:  # name the step and the checkpoint to resume from
+            # rank 0 alone owns the checkpoint dir (listing it may also tidy it)
+            last = latest_checkpoint(self.out) if self.out is not None and self.is_main else None
+            where = (
+                f"last good checkpoint: {last} (--resume continues from it)"
+                if last
+                else "no checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"SFT stopped at step {self.global_step + 1}: {self.guard.consecutive} "
+                f"consecutive steps with a non-finite loss or gradient norm (now loss "
+                f"{float(loss_sum):.4g}, grad norm {float(grad_norm):.4g}; max_bad_steps="
+                f"{self.guard.max_bad_steps}); the skipped steps did not change the weights; "
+                f"{where}"
+            ) from None
         if good:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,7 +517,9 @@ class SFTTrainer:
         if improved:
             self.best_val, self.best_step, self.bad_evals = val, self.global_step, 0
             if self.out is not None:
-                atomic_dir(self.out / "best", lambda d: save_model_weights(self.model, d))
+                if self.is_main:
+                    atomic_dir(self.out / "best", lambda d: save_model_weights(self.model, d))
+                self._barrier("best model")
             elif self.cfg.load_best_at_end:  # no output dir: keep the best weights in memory
                 self._best_state = {
                     k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
@@ -378,11 +535,16 @@ class SFTTrainer:
         cfg = self.cfg
         if self.global_step == 0 and self.micro == 0 and self.epoch == 0:
             seed_everything(cfg.seed)
-        if self.out is not None:
+        if self.out is not None and self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             tb = self.out / "tensorboard" if cfg.tensorboard else None
-            self._logger = JsonlLogger(self.out / "sft_log.jsonl", tensorboard_dir=tb)
-        bar = progress_bar(self.total_steps, "sft", cfg.progress, initial=self.global_step)
+            # resume_step: drop records a killed run logged after its last checkpoint
+            self._logger = JsonlLogger(
+                self.out / "sft_log.jsonl", tensorboard_dir=tb, resume_step=self.global_step
+            )
+        bar = progress_bar(
+            self.total_steps, "sft", cfg.progress and self.is_main, initial=self.global_step
+        )
         self.model.train()
         done = self.stopped_early or self.global_step >= self.total_steps
         t0, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
@@ -406,12 +568,12 @@ class SFTTrainer:
                         lr=f"{rec['lr']:.2e}",
                         tok_s=f"{rec['tokens_per_s']:.0f}",
                     )
-                    if self._logger is not None and (
-                        self.global_step % cfg.logging_steps == 0 or self.global_step == 1
-                    ):
-                        self._logger.log(
-                            {**rec, "loss_avg": loss_window / n_window}, step=self.global_step
-                        )
+                    if self.global_step % cfg.logging_steps == 0 or self.global_step == 1:
+                        if self._logger is not None:
+                            self._logger.log(
+                                {**rec, "loss_avg": loss_window / n_window},
+                                step=self.global_step,
+                            )
                         t0, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
                     for cb in self.callbacks:
                         cb(self, rec)

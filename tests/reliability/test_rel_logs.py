@@ -160,14 +160,6 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="common.JsonlLogger(path, resume_step=N) now drops the records logged after step N "
-    "(tested in test_rel_recovery.py), but SFTTrainer.train still opens its log without it. "
-    "Needs the call-site change in sft.py train(): JsonlLogger(self.out / 'sft_log.jsonl', "
-    "tensorboard_dir=tb, resume_step=self.global_step) (and grpo.py train(): pass "
-    "resume_step=self.global_step to its JsonlLogger); then remove this mark",
-)
 def test_resume_does_not_duplicate_logged_steps(data, tmp_path):
     tok, train, _ = data
     count("faults:crash-after-log")
