@@ -20,6 +20,26 @@ from ..errors import ConfigError
 
 STAGES = ("sft", "grpo", "eval", "all")
 
+# Settings of the embedded default (synthetic catalogue + tiny backbone trained from scratch on
+# CPU). They apply only when --data synthetic and no --model are used, and only to options the
+# user did not set; the reference hyperparameters (SPEC) stay the defaults for real backbones.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "sft_lr": 3e-3,
+    "sft_batch_size": 32,
+    "sft_micro_batch_size": 32,
+    "sft_epochs": 3.0,
+    "sft_warmup_steps": 20,
+    "sft_patience": 2,
+    "grpo_lr": 1e-4,
+    "prompts_per_step": 16,
+    "grpo_micro_batch_prompts": 16,
+    "grpo_warmup_steps": 5,
+    "grpo_epochs": 1.0,
+    "sigma": 1.5,
+    "max_length": 256,
+    "eval_batch_size": 32,
+}
+
 
 @dataclass
 class RunConfig:
@@ -242,8 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m latentr3_fast.train",
         description="LatentR3: SFT warm-up -> modified GRPO -> constrained-beam evaluation. "
         "With no arguments: the embedded default (synthetic catalogue, tiny Qwen2, CPU).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
+        epilog="The embedded default (--data synthetic without --model) replaces these "
+        "defaults, for options you do not set: "
+        + ", ".join(f"--{_flag(k)} {v}" for k, v in EMBEDDED_DEFAULTS.items()),
     )
     parser.add_argument("--config", help="YAML file of options (flags override it)")
     defaults = RunConfig()

@@ -24,30 +24,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
-from .config import RunConfig, save_config
-
-# Settings of the embedded default (synthetic catalogue + tiny backbone trained from scratch on
-# CPU). They apply only when --data synthetic and no --model are used, and only to options the
-# user did not set; the reference hyperparameters (SPEC) stay the defaults for real backbones.
-EMBEDDED_DEFAULTS: dict[str, Any] = {
-    "sft_lr": 3e-3,
-    "sft_batch_size": 32,
-    "sft_micro_batch_size": 32,
-    "sft_epochs": 3.0,
-    "sft_warmup_steps": 20,
-    "sft_patience": 2,
-    "grpo_lr": 3e-4,
-    "prompts_per_step": 16,
-    "grpo_micro_batch_prompts": 16,
-    "grpo_warmup_steps": 5,
-    "grpo_epochs": 1.0,
-    "sigma": 1.5,
-    "max_length": 256,
-    "eval_batch_size": 32,
-}
+from .config import EMBEDDED_DEFAULTS, RunConfig, save_config
 
 MODEL_NAMES = {"sft_baseline": "w/o reasoning", "sft": "SFT only", "grpo": "LatentR3"}
-RUN_MARKERS = ("config.yaml", "metrics.json", "sft", "grpo")
+RUN_MARKERS = ("metrics.json", "sft", "sft_baseline", "grpo")  # config.yaml alone: a failed start
 
 
 def is_embedded_default(cfg: RunConfig) -> bool:
