@@ -79,6 +79,12 @@ class RunConfig:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "evaluate the first N rows"}
     )
+    save_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "checkpoint every N optimizer steps (default: SFT per epoch, GRPO at end)"
+        },
+    )
     baseline: bool = field(
         default=True,
         metadata={

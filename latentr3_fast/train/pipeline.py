@@ -221,6 +221,7 @@ def run_sft(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
         max_eval_samples=cfg.max_eval_samples,
         seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        save_steps=cfg.save_steps,
         resume=cfg.resume,
     )
     train = pb.encode_many(dataset.train[: cfg.max_train_samples])
@@ -255,6 +256,7 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
         epochs=cfg.grpo_epochs,
         max_steps=cfg.max_steps,
         seed=cfg.seed,
+        save_every=cfg.save_steps,
         resume=cfg.resume,
     )
     reward = None

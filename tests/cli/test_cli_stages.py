@@ -134,3 +134,15 @@ def test_help_documents_every_option_with_its_default():
         want = f"(default: {getattr(defaults, f.name)})"
         assert want in blocks[flag], f"{flag}: {want!r} not in {blocks[flag]!r}"
         assert len(blocks[flag]) > len(flag) + len(want) + 5, f"{flag} has no description"
+
+
+def test_save_steps_checkpoints_inside_a_stage(tmp_path):
+    """``--save-steps 1`` writes a checkpoint after every optimizer step of SFT and GRPO."""
+    out = tmp_path / "run"
+    res = run_cli(["--stage", "sft", "--output-dir", str(out), "--save-steps", "1"])
+    assert res.returncode == 0, res.describe()
+    res = run_cli(["--stage", "grpo", "--resume", "--output-dir", str(out), "--save-steps", "1"])
+    assert res.returncode == 0, res.describe()
+    for stage in ("sft", "grpo"):
+        steps = sorted(p.name for p in (out / stage / "checkpoints").iterdir())
+        assert "step-00000001" in steps and "step-00000002" in steps, (stage, steps)
