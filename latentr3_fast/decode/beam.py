@@ -20,7 +20,8 @@ Beam search (per batch of prompts):
 tensors to the same code, so the results are identical.
 
 Exact ranking scores every item: teacher-forced log-prob given prompt and latent, computing
-each trie node once (frontier expansion depth by depth over chunks of first-level subtrees).
+each internal trie node once; chunks of nodes run as one sequence on the shared prompt cache
+with a tree-attention mask (``exact_rank``).
 """
 
 from __future__ import annotations
@@ -399,39 +400,58 @@ def exact_rank(
     trie: ItemTrie,
     length_penalty: float = 0.0,
     top_k: int | None = None,
-    max_rows: int = 4096,
+    max_rows: int = 2048,
     latents: torch.Tensor | None = None,
+    method: str = "auto",
 ) -> BeamResult:
     """Scores every item exactly (teacher forcing) and ranks the whole catalogue.
 
-    Each trie node is computed once per prompt: the frontier of a chunk of subtrees advances
-    depth by depth on copies of the prompt cache (one row per frontier node). ``max_rows``
-    bounds the rows (prompts x frontier nodes) of a chunk: a subtree with more items than
-    ``max_rows / B`` is split into its children (its path tokens are then re-fed once per
-    chunk, the only repeated work).
+    Each internal trie node is forwarded once per prompt and its hidden state gives the
+    log-probs of all its children (log-softmax over the full vocabulary); an item's score is
+    the sum along its path. Two ways to feed the nodes, same numbers:
+
+    * ``method="tree"`` (default): a chunk of nodes (a preorder range, plus the ancestor path
+      of its first node) is ONE sequence on the prompt cache, with a 4-D attention mask that
+      lets each node see the prompt, the latent(s) and its own ancestors (tree attention);
+      positions are prompt length + depth. The prompt cache is never copied.
+    * ``method="frontier"``: subtrees advance depth by depth on copies of the prompt cache,
+      one row per frontier node. Used for attention backends that take no custom mask
+      (flash-attention).
+
+    ``max_rows`` bounds the rows (prompts x nodes) of one forward, so memory does not depend
+    on the catalogue size beyond the ``[B, num_nodes]`` score table. In the tree method each
+    node attends to the prompt plus its chunk, so smaller chunks are cheaper per node until
+    the per-forward overhead dominates (CPU, CDs catalogue: 128 nodes per prompt was best).
 
     Args:
         top_k: hypotheses returned per prompt (default: all terminal nodes).
+        latents: ``[B, N, d]`` to use instead of ``reasoner.latents`` (e.g. N = 0).
+        method: ``auto`` | ``tree`` | ``frontier``.
     Returns:
         BeamResult over terminal states, best first (score = sum_logp / len^lp).
     """
+    if max_rows < 1:
+        raise ConfigError(f"exact_rank: max_rows={max_rows} must be >= 1")
+    if method == "auto":
+        attn = str(getattr(reasoner.backbone.config, "_attn_implementation", "") or "")
+        method = "frontier" if attn.startswith("flash") else "tree"
+    if method not in ("tree", "frontier"):
+        raise ConfigError(f"exact_rank: method={method!r}: expected 'auto', 'tree' or 'frontier'")
     device = prompt_ids.device
     csr = trie.to_csr()
     co = csr["child_offsets"]
     counts = np.diff(co)
     depths = csr["depths"]
-    ptok = csr["parent_tokens"]
     weight, bias = reasoner.lm_head_weight, reasoner.lm_head_bias
     b = prompt_ids.shape[0]
-    n_nodes = trie.num_nodes
-    node_sum = torch.full((b, n_nodes), _NEG_INF, device=device)
-    node_sum[:, 0] = 0.0
+    # edge log-prob of every node given its parent; summed along paths at the end
+    node_logp = torch.zeros((b, trie.num_nodes), device=device)
     co_t = torch.tensor(co, device=device)
     child_tokens_t = torch.tensor(csr["child_tokens"], device=device)
     child_nodes_t = torch.tensor(csr["child_nodes"], device=device)
 
     def expand(parent_nodes: np.ndarray, h: torch.Tensor) -> None:
-        """h [b * P, d] hidden at parents -> node_sum of all their children."""
+        """h [b * P, d] hidden at parents -> node_logp of all their children."""
         width = int(counts[parent_nodes].max())
         pn = torch.from_numpy(parent_nodes).to(device)
         start = co_t[pn].unsqueeze(1)
@@ -443,19 +463,103 @@ def exact_rank(
         tok = torch.where(valid, ct, -1).repeat(b, 1)
         logp = _token_logprobs(h, weight, bias, tok, shared=len(parent_nodes) == 1)
         logp = logp.view(b, len(parent_nodes), width)
-        tot = node_sum[:, pn].unsqueeze(-1) + logp
-        cols = cn[valid]
-        node_sum[:, cols] = tot[:, valid]
+        node_logp[:, cn[valid]] = logp[:, valid]
 
     h0, cache0, past0 = _prefill(reasoner, prompt_ids, prompt_mask, latents)
     expand(np.array([0]), h0)
-
-    # Units: subtrees small enough for the row budget (their widest frontier is at most their
-    # item count). A subtree that is too big is split into its children; the split node itself
-    # is then only expanded (its hidden state gives its children's log-probs).
-    leaves_below = _subtree_leaf_counts(csr)
     budget = max(1, max_rows // max(b, 1))
-    parents = csr["parents"]
+    if method == "tree":
+        _tree_forwards(reasoner, csr, cache0, past0, budget, expand)
+    else:
+        _frontier_forwards(reasoner, csr, cache0, past0, budget, expand)
+
+    node_sum = node_logp
+    parents_t = torch.tensor(csr["parents"], device=device)
+    for d in range(2, int(depths.max()) + 1):  # path sums, shallow to deep
+        at = torch.from_numpy(np.flatnonzero(depths == d)).to(device)
+        node_sum[:, at] += node_sum[:, parents_t[at]]
+    terminal = np.flatnonzero(np.diff(csr["item_offsets"]) > 0)
+    term_t = torch.tensor(terminal, device=device)
+    lens = torch.tensor(depths[terminal], device=device)
+    sums = node_sum[:, term_t]
+    scores = sums / lens.float().pow(float(length_penalty))
+    k = len(terminal) if top_k is None else min(int(top_k), len(terminal))
+    top_scores, idx = torch.topk(scores, k, dim=1)
+    res = BeamResult(
+        states=term_t[idx],
+        scores=top_scores,
+        sum_logp=sums.gather(1, idx),
+        lengths=lens[idx],
+    )
+    _attach_items(res, trie)
+    return res
+
+
+def _tree_forwards(reasoner, csr, cache0, past0, budget, expand) -> None:
+    """Tree attention: internal nodes in preorder chunks of ``budget``, one forward each.
+
+    In preorder, every ancestor of a node in a range ``[a, z)`` that lies outside the range is
+    an ancestor of ``a``, so the chunk's context is the range plus ``a``'s ancestor path.
+    """
+    counts = np.diff(csr["child_offsets"])
+    parents, ptok, depths = csr["parents"], csr["parent_tokens"], csr["depths"]
+    internal = np.flatnonzero(counts > 0)
+    internal = internal[internal > 0]  # the root was expanded from the prefill
+    device = past0.device
+    b, p_len = past0.shape
+    dtype = reasoner.dtype
+    neg = torch.finfo(dtype).min
+    # prompt/latent part of the mask: real positions visible to every node, padding never
+    prefix_add = torch.zeros((b, p_len), dtype=dtype, device=device)
+    prefix_add.masked_fill_(~past0.bool(), neg)
+    real_len = past0.long().sum(-1, keepdim=True)
+    pos_in_chunk = np.full(len(parents), -1, dtype=np.int64)
+    for a in range(0, len(internal), budget):
+        chunk = internal[a : a + budget]
+        path = []
+        v = int(parents[chunk[0]])
+        while v > 0:
+            path.append(v)
+            v = int(parents[v])
+        nodes = np.concatenate([np.array(path[::-1], dtype=np.int64), chunk])
+        m = len(nodes)
+        pos_in_chunk[nodes] = np.arange(m)
+        # ancestor-or-self matrix by walking up the parent chain inside the chunk
+        anc = np.eye(m, dtype=bool)
+        rows = np.arange(m)
+        cur = pos_in_chunk[parents[nodes]]
+        while True:
+            live = cur >= 0
+            if not live.any():
+                break
+            anc[rows[live], cur[live]] = True
+            nxt = np.full(m, -1, dtype=np.int64)
+            nxt[live] = pos_in_chunk[parents[nodes[cur[live]]]]
+            cur = nxt
+        pos_in_chunk[nodes] = -1
+        tree_add = torch.zeros((m, m), dtype=dtype, device=device)
+        tree_add.masked_fill_(~torch.from_numpy(anc).to(device), neg)
+        mask = torch.cat(
+            [prefix_add[:, None, :].expand(b, m, p_len), tree_add.expand(b, m, m)], dim=-1
+        ).unsqueeze(1)  # [b, 1, m, p_len + m] additive
+        pos = real_len + torch.from_numpy(depths[nodes] - 1).to(device)
+        ids = torch.from_numpy(ptok[nodes]).to(device).expand(b, m)
+        hidden = reasoner._base_forward(mask, pos, cache0, input_ids=ids)
+        cache0.crop(-m)  # back to the prompt (transformers 5: negative = tokens to drop)
+        h = hidden[:, len(path) :].reshape(b * len(chunk), -1)
+        expand(chunk, h)
+
+
+def _frontier_forwards(reasoner, csr, cache0, past0, budget, expand) -> None:
+    """Frontier expansion: chunks of first-level subtrees advance depth by depth on copies of
+    the prompt cache (one row per frontier node). A subtree with more items than ``budget``
+    is split into its children (its path tokens are then re-fed once per chunk)."""
+    co = csr["child_offsets"]
+    counts = np.diff(co)
+    depths, ptok, parents = csr["depths"], csr["parent_tokens"], csr["parents"]
+    device = past0.device
+    b = past0.shape[0]
+    leaves_below = _subtree_leaf_counts(csr)
     units: list[tuple[int, int, bool]] = []  # (depth, node, full subtree?)
     stack = [int(v) for v in csr["child_nodes"][co[0] : co[1]]]
     while stack:
@@ -513,22 +617,6 @@ def exact_rank(
             frontier = kids
             f = len(frontier)
             tok = torch.tensor(ptok[frontier], device=device).repeat(b).view(-1, 1)
-
-    terminal = np.flatnonzero(np.diff(csr["item_offsets"]) > 0)
-    term_t = torch.tensor(terminal, device=device)
-    lens = torch.tensor(depths[terminal], device=device)
-    sums = node_sum[:, term_t]
-    scores = sums / lens.float().pow(float(length_penalty))
-    k = len(terminal) if top_k is None else min(int(top_k), len(terminal))
-    top_scores, idx = torch.topk(scores, k, dim=1)
-    res = BeamResult(
-        states=term_t[idx],
-        scores=top_scores,
-        sum_logp=sums.gather(1, idx),
-        lengths=lens[idx],
-    )
-    _attach_items(res, trie)
-    return res
 
 
 def _subtree_leaf_counts(csr: dict[str, np.ndarray]) -> np.ndarray:

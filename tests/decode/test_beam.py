@@ -204,3 +204,65 @@ def test_token_logprobs_dense_and_fused_agree(shared, with_bias):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="impl"):
         _token_logprobs(h, weight, bias, tok, impl="sparse")
+
+
+def _teacher_forced_sums(m, batch, latents, seqs):
+    """Independent reference: one plain HF forward per (prompt, item) over
+    [prompt embeddings, latents, item tokens], summing log-softmax at the item tokens."""
+    out = torch.empty(len(batch), len(seqs))
+    for b in range(len(batch)):
+        keep = batch.prompt_mask[b].bool()
+        prompt = m.embed(batch.prompt_ids[b, keep])
+        for j, seq in enumerate(seqs):
+            ids = torch.tensor(seq)
+            emb = torch.cat([prompt, latents[b].to(prompt.dtype), m.embed(ids)], 0)[None]
+            logits = m.backbone(inputs_embeds=emb).logits[0].float()
+            start = prompt.shape[0] + latents.shape[1] - 1
+            logp = logits[start : start + len(seq)].log_softmax(-1)
+            out[b, j] = logp.gather(1, ids[:, None]).sum()
+    return out
+
+
+@pytest.mark.parametrize("num_latent", [0, 1, 2])
+@pytest.mark.parametrize("method", ["tree", "frontier"])
+def test_exact_rank_equals_teacher_forcing(tiny_setup, batch_of, num_latent, method):
+    """Both node-feeding methods, with 0/1/2 latent slots and prompts of different lengths
+    (left padding), give each item's teacher-forced log-likelihood."""
+    batch = batch_of([0, 5, 3])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    gen = torch.Generator().manual_seed(num_latent)
+    latents = torch.randn(len(batch), num_latent, m.hidden_size, generator=gen)
+    with torch.no_grad():
+        ex = exact_rank(
+            m,
+            batch.prompt_ids,
+            batch.prompt_mask,
+            trie,
+            latents=latents,
+            max_rows=37,
+            method=method,
+        )
+        seqs = ex.sequences(trie)
+        for b in range(len(batch)):  # every row ranks the same terminal set
+            assert sorted(map(tuple, seqs[b])) == sorted(map(tuple, seqs[0]))
+        ref = _teacher_forced_sums(m, batch, latents, seqs[0])
+    got = torch.empty_like(ref)
+    for b in range(len(batch)):
+        by_seq = {tuple(s): v for s, v in zip(seqs[b], ex.sum_logp[b].tolist())}
+        got[b] = torch.tensor([by_seq[tuple(s)] for s in seqs[0]])
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_rows", [1, 7, 10**6])
+def test_exact_rank_tree_equals_frontier(tiny_setup, batch_of, max_rows):
+    batch = batch_of([2, 4, 6, 1])
+    m, trie = tiny_setup["model"], tiny_setup["trie"]
+    args = (m, batch.prompt_ids, batch.prompt_mask, trie)
+    tree = exact_rank(*args, max_rows=max_rows, method="tree", length_penalty=1.0)
+    front = exact_rank(*args, max_rows=max_rows, method="frontier", length_penalty=1.0)
+    assert torch.equal(tree.states, front.states)
+    torch.testing.assert_close(tree.scores, front.scores, atol=1e-5, rtol=1e-6)
+    with pytest.raises(ConfigError, match="method"):
+        exact_rank(*args, method="dense")
+    with pytest.raises(ConfigError, match="max_rows"):
+        exact_rank(*args, max_rows=0)
