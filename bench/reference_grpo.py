@@ -50,14 +50,14 @@ def _hidden_and_logits(backbone, embeds: Tensor, mask: Tensor) -> tuple[Tensor, 
     return out.hidden_states[-1], out.logits
 
 
-def _latents(model, prompt: Tensor, n: int) -> Tensor:
+def _latents(model, prompt: Tensor, n: int, first: Tensor | None = None) -> Tensor:
     """r_1..r_n of ONE unpadded prompt [L] via full-sequence forwards -> [n, d] fp32.
 
-    r_{i+1} = LatentRATT(final hidden of [prompt, r_1..r_i])."""
+    r_{i+1} = LatentRATT(final hidden of [prompt, r_1..r_i]); ``first`` replaces r_1."""
     backbone = model.backbone
     emb = backbone.get_input_embeddings()(prompt[None])  # [1, L, d]
-    rs: list[Tensor] = []
-    for _ in range(n):
+    rs: list[Tensor] = [] if first is None else [first]
+    while len(rs) < n:
         x = torch.cat([emb] + [r.to(emb.dtype)[None, None] for r in rs], dim=1)
         mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
         h, _ = _hidden_and_logits(backbone, x, mask)
@@ -65,13 +65,14 @@ def _latents(model, prompt: Tensor, n: int) -> Tensor:
     return torch.stack(rs)
 
 
-def _expand(r: Tensor, noise: Tensor, sigma: float) -> Tensor:
-    """[N, d] latents of one prompt + noise [G-1, d] -> [G, N, d]; noise on step 0 only."""
-    g = noise.shape[0] + 1
+def _expand(model, prompt: Tensor, r: Tensor, noise: Tensor, sigma: float) -> Tensor:
+    """[N, d] latents of one prompt + noise [G-1, d] -> [G, N, d]: noise on r_1, the later
+    steps regenerated from each noisy r_1 (full forwards again)."""
+    g, n = noise.shape[0] + 1, r.shape[0]
     rows = [r]
     for k in range(1, g):
         noisy0 = (r[0].float() + sigma * noise[k - 1].float()).to(r.dtype)
-        rows.append(torch.cat([noisy0[None], r[1:]], dim=0))
+        rows.append(_latents(model, prompt, n, first=noisy0))
     return torch.stack(rows)
 
 
@@ -173,7 +174,7 @@ def reference_grpo_step(
                 ps, ls, ts = [], [], []
                 for p in range(s, min(p_count, s + prompts_per_forward)):
                     r = _latents(model, prompts[p], n)  # one full prompt forward per step
-                    exp = _expand(r, noise[p], sigma)  # [G, N, d]
+                    exp = _expand(model, prompts[p], r, noise[p], sigma)  # [G, N, d]
                     for k in range(g):
                         ps.append(prompts[p])
                         ls.append(exp[k])

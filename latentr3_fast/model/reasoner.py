@@ -366,6 +366,7 @@ class LatentReasoner(nn.Module):
         prompt_mask: torch.Tensor,
         cache: DynamicCache,
         num_latent: int | None = None,
+        first: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Latent thoughts r_1..r_N.
 
@@ -378,6 +379,8 @@ class LatentReasoner(nn.Module):
             prompt_mask: ``[B, Lp]``.
             cache: the prompt cache from ``encode_prompt`` (left unchanged on return).
             num_latent: N (default ``self.num_latent``).
+            first: ``[B, d]`` r_1 to use instead of f(H) (GRPO: the noisy first latent, from
+                which the later steps are then generated, as in the paper's appendix).
         Returns:
             r: ``[B, N, d]`` float32 (``[B, 0, d]`` when N = 0).
         """
@@ -387,7 +390,9 @@ class LatentReasoner(nn.Module):
         b, _, d = hidden.shape
         if n == 0:
             return hidden.new_zeros(b, 0, d, dtype=torch.float32)
-        rs = [self._latent_step(hidden, prompt_mask)]
+        if first is not None and tuple(first.shape) != (b, d):
+            raise ConfigError(f"latents: first must be [B={b}, d={d}], got {tuple(first.shape)}")
+        rs = [self._latent_step(hidden, prompt_mask) if first is None else first.float()]
         if n > 1:
             h_all, m_all = hidden, prompt_mask
             one = prompt_mask.new_ones(b, 1)

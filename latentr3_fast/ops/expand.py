@@ -1,7 +1,8 @@
 """GRPO latent expansion: G rows per prompt, row 0 clean, rows 1..G-1 noised on step 0.
 
 ``expanded[p*G + 0] = r[p]``; ``expanded[p*G + k, 0] = r[p, 0] + sigma * noise[p, k-1]``
-(k >= 1); later latent steps are copied unchanged. The noise is a constant (no gradient); the
+(k >= 1); later latent steps are copied unchanged (the GRPO trainer expands only r_1 and then
+regenerates the later steps from each noisy r_1). The noise is a constant (no gradient); the
 gradient reaches ``r`` as the sum over the G rows of each group (reparameterized sampling).
 """
 

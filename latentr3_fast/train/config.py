@@ -154,6 +154,13 @@ class RunConfig:
     )
     sigma: float = field(default=1.5, metadata={"help": "std of the latent noise"})
     advantage: str = field(default="batch", metadata={"help": "batch | group | none"})
+    estimator: str = field(
+        default="reparam",
+        metadata={
+            "help": "GRPO policy-gradient form: reparam (the reference: target log-probs "
+            "given the noisy latent) | score (log-density of the Gaussian latent policy)"
+        },
+    )
     advantage_batch: int | None = field(
         default=None,
         metadata={"help": "prompts per advantage batch (default: the optimizer batch)"},
@@ -197,6 +204,7 @@ class RunConfig:
             "latent_mode": ("ratt", "hidden"),
             "template": ("reference", "clean"),
             "advantage": ("batch", "group", "none"),
+            "estimator": ("reparam", "score"),
             "optim": ("adamw", "adamw_8bit"),
             "rank": ("beam", "exact", "ground"),
             "reward": ("ppl", "hit"),

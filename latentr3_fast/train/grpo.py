@@ -26,6 +26,18 @@ before any loss. Two correct ways are implemented (``GRPOConfig.loss_pass``):
 
 ``bench/bench_grpo.py`` measures both; ``keep_graph`` is the default (see the README table).
 A reward that computes the loss on decoded completions (``reward="hit"``) needs the second pass.
+
+``GRPOConfig.estimator`` picks what the loss differentiates:
+
+* ``"reparam"`` (the reference, SPEC 5.4): the per-token target log-probs given the noisy
+  latent, with the gradient flowing through r (rho = 1 in value: an advantage-weighted
+  log-likelihood). Near an SFT optimum its expected update is about sigma^2 * Hessian * grad
+  of the reward, which points downhill where the log-likelihood is concave in r (README,
+  "GRPO: what the reference estimator does").
+* ``"score"``: the latent is the action of a Gaussian policy N(r, sigma^2 I); the loss uses its
+  log-density log N(r^k; r_theta, sigma^2) (the standard policy-gradient/PPO ratio for a
+  continuous action), so the expected update is the gradient of the sigma-smoothed reward.
+  The loss pass needs only LatentRATT on the stored prompt states (no suffix forward).
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ __all__ = [
     "GRPOTrainer",
     "grpo_row_losses",
     "grpo_loss",
+    "gaussian_policy_logprob",
     "local_prompt_positions",
     "step_noise",
 ]
@@ -84,6 +97,7 @@ class GRPOConfig:
     num_generations: int = 8  # G = 1 clean + G-1 noisy rows per prompt
     sigma: float = 1.5  # std of the latent noise (reference 1.5)
     reward: str = "ppl"  # "ppl" (LatentR3) | "hit" (original GRPO; needs a decoder)
+    estimator: str = "reparam"  # "reparam" (reference) | "score" (Gaussian policy log-density)
     advantage: str = "batch"  # "batch" | "group" | "none"
     advantage_batch: int | None = None  # prompts per advantage batch; None = prompts_per_step
     # loss
@@ -133,6 +147,7 @@ class GRPOConfig:
         """Raise ConfigError naming the option when a value or combination is invalid."""
         choices = {
             "reward": ("ppl", "hit"),
+            "estimator": ("reparam", "score"),
             "advantage": ("batch", "group", "none"),
             "loss_pass": ("keep_graph", "recompute"),
             "trainable": ("latent", "all"),
@@ -175,6 +190,16 @@ class GRPOConfig:
             raise ConfigError(
                 f"GRPOConfig.advantage_batch={a} prompts must be divisible by the world size "
                 f"{world_size} (every rank holds an equal share of each advantage batch)"
+            )
+        if self.estimator == "score" and not self.sigma > 0:
+            raise ConfigError(
+                f"GRPOConfig.sigma={self.sigma}: estimator='score' needs sigma > 0 (the "
+                "latent policy N(r, sigma^2 I) has no density at sigma = 0)"
+            )
+        if self.estimator == "score" and self.beta != 0.0:
+            raise ConfigError(
+                f"GRPOConfig.beta={self.beta}: the KL term is defined on target log-probs and "
+                "needs estimator='reparam'"
             )
         if self.beta != 0.0 and self.trainable == "latent":
             raise ConfigError(
@@ -265,6 +290,25 @@ def row_weights(num_rows: int, num_generations: int, include_clean: bool, device
     return w
 
 
+def gaussian_policy_logprob(r: Tensor, r_old: Tensor, noise: Tensor, sigma: float) -> Tensor:
+    """Log-density (up to its constant) of each row's latent action under N(r, sigma^2 I).
+
+    The actions were sampled at the rollout: row ``p*G + 0`` is the clean ``r_old[p]``, row
+    ``p*G + k`` is ``r_old[p] + sigma * noise[p, k-1]``.
+
+    Args:
+        r: ``[P, d]`` current mean (with grad), r_old: ``[P, d]`` rollout mean (detached),
+        noise: ``[P, G-1, d]`` standard normal draws.
+    Returns:
+        ``[P*G]`` fp32 ``-||a - r||^2 / (2 sigma^2)``; at ``r == r_old`` it is ``-||eps||^2/2``.
+    """
+    r_old = r_old.detach().float()
+    eps = torch.cat([torch.zeros_like(noise[:, :1]), noise.float()], dim=1)  # [P, G, d]
+    actions = r_old.unsqueeze(1) + sigma * eps.to(r_old.device)
+    diff = actions - r.float().unsqueeze(1)
+    return (-(diff * diff).sum(-1) / (2.0 * sigma * sigma)).reshape(-1)
+
+
 # --------------------------------------------------------------------------------------------
 # step layout (independent of the number of ranks)
 # --------------------------------------------------------------------------------------------
@@ -314,6 +358,7 @@ class _MicroState:
     old_logp: Tensor | None = None  # num_iterations > 1: [R, T] detached
     ref_logp: Tensor | None = None  # beta != 0: [R, T]
     prompt_state: tuple[Tensor, Any] | None = None  # recompute + reuse: (H, prefix cache)
+    latents_old: Tensor | None = None  # estimator "score": [P, N, d] rollout latents
 
 
 class GRPOTrainer:
@@ -367,7 +412,9 @@ class GRPOTrainer:
             reward = make_reward(config.reward)
         self.reward = reward
         if config.loss_pass == "keep_graph" and (
-            reward.uses_completions or not reward.needs_target_logprobs
+            reward.uses_completions
+            or not reward.needs_target_logprobs
+            or config.estimator == "score"  # the loss needs r only, not the suffix graph
         ):
             # the loss tokens are known only after decoding: a second pass is unavoidable
             self.loss_pass = "recompute"
@@ -461,26 +508,33 @@ class GRPOTrainer:
 
         Returns: (logp [R, T] fp32, expanded latents [R, N, d]).
         """
-        from ..ops import gaussian_expand
-
         g = self.cfg.num_generations
-        hidden, cache = state
-        r = model.latents(hidden, batch.prompt_mask, cache)  # [P, N, d]
-        expanded, _ = gaussian_expand(r, g, self.cfg.sigma, noise=noise.to(r.device))
-        ecache = model.expand_cache(cache, g)
+        ecache = model.expand_cache(state[1], g)
         pmask = batch.prompt_mask.repeat_interleave(g, dim=0)
+        expanded = self._noisy_latents(model, batch, state, noise, ecache, pmask)
         h = model.suffix_forward(ecache, pmask, expanded.to(model.dtype), loss_ids)
         return model.target_logprobs(h, loss_ids, loss_mask), expanded
 
-    def _latents_only(self, model, batch, state, noise: Tensor) -> Tensor:
+    def _noisy_latents(self, model, batch, state, noise, ecache=None, pmask=None) -> Tensor:
+        """[P*G, N, d] latents of the G rows: the noise goes on r_1; with N > 1 the later
+        steps are generated from each row's (noisy) r_1 on its expanded cache (the paper's
+        appendix), so row 0 keeps the clean chain."""
         from ..ops import gaussian_expand
 
-        hidden, cache = state
-        r = model.latents(hidden, batch.prompt_mask, cache)
-        expanded, _ = gaussian_expand(
-            r, self.cfg.num_generations, self.cfg.sigma, noise=noise.to(r.device)
-        )
-        return expanded
+        g, hidden, cache = self.cfg.num_generations, state[0], state[1]
+        n = model.num_latent
+        r1 = model.latents(hidden, batch.prompt_mask, cache, num_latent=1)  # [P, 1, d]
+        first, _ = gaussian_expand(r1, g, self.cfg.sigma, noise=noise.to(r1.device))
+        if n == 1:
+            return first
+        if ecache is None:
+            ecache = model.expand_cache(cache, g)
+            pmask = batch.prompt_mask.repeat_interleave(g, dim=0)
+        h_rows = hidden.repeat_interleave(g, dim=0)
+        return model.latents(h_rows, pmask, ecache, first=first[:, 0])
+
+    def _latents_only(self, model, batch, state, noise: Tensor) -> Tensor:
+        return self._noisy_latents(model, batch, state, noise)
 
     # ---------------------------------------------------------------- rollout / loss pass
     def _rollout(self, positions: list[int], indices: list[int], noise: Tensor) -> _MicroState:
@@ -490,6 +544,7 @@ class GRPOTrainer:
         tgt_ids = batch.target_ids.repeat_interleave(g, dim=0)
         tgt_mask = batch.target_mask.repeat_interleave(g, dim=0)
         keep = self.loss_pass == "keep_graph"
+        score = cfg.estimator == "score"
         state = self._prompt_state(model, batch, grad=keep and cfg.trainable == "all")
         logp = None
         with contextlib.nullcontext() if keep else torch.no_grad():
@@ -531,8 +586,10 @@ class GRPOTrainer:
             ms.logp_graph = logp
         elif cfg.reuse_prompt_states and cfg.trainable == "latent":
             ms.prompt_state = state
+        if score:
+            ms.latents_old = latents.detach()[:: cfg.num_generations]
         with torch.no_grad():
-            if cfg.num_iterations > 1:
+            if cfg.num_iterations > 1 and not score:
                 if logp is None:
                     logp, _ = self._policy_logp(model, batch, state, noise, loss_ids, loss_mask)
                 ms.old_logp = logp.detach()
@@ -547,6 +604,8 @@ class GRPOTrainer:
         """Loss of one micro-batch, scaled so the step's loss is a mean over all its rows
         (all ranks), and its backward."""
         cfg, model = self.cfg, self.model
+        if cfg.estimator == "score":
+            return self._score_loss_backward(ms, adv, denom)
         logp = ms.logp_graph
         ms.logp_graph = None  # consumed: later iterations recompute
         if logp is None:
@@ -565,6 +624,28 @@ class GRPOTrainer:
         if "kl" in stats:
             out["kl_sum"] = float((stats["kl"] * w).sum())
         return out
+
+    def _score_loss_backward(self, ms: _MicroState, adv: Tensor, denom: float) -> dict[str, float]:
+        """estimator="score": PPO-clip on the Gaussian latent policy's log-density; the old
+        log-density (``r_theta == r_old``) is ``-||eps||^2 / 2`` in closed form."""
+        cfg, model = self.cfg, self.model
+        state = ms.prompt_state
+        if state is None:
+            state = self._prompt_state(model, ms.batch, grad=cfg.trainable == "all")
+        hidden, cache = state
+        r = model.latents(hidden, ms.batch.prompt_mask, cache, num_latent=1)[:, 0]  # noised step
+        logp = gaussian_policy_logprob(r, ms.latents_old[:, 0], ms.noise, cfg.sigma)
+        old = gaussian_policy_logprob(
+            ms.latents_old[:, 0], ms.latents_old[:, 0], ms.noise, cfg.sigma
+        )
+        ones = torch.ones_like(logp).unsqueeze(1)
+        rows, stats = grpo_row_losses(
+            logp.unsqueeze(1), old.unsqueeze(1), ones, adv, cfg.epsilon, cfg.epsilon_high
+        )
+        w = row_weights(rows.shape[0], cfg.num_generations, cfg.include_clean_in_loss, rows.device)
+        loss = (rows * w).sum() / denom
+        loss.backward()
+        return {"loss": float(loss.detach()), "clip_frac": float(stats["clip_frac"])}
 
     # ---------------------------------------------------------------- one rollout + updates
     def collect(self, rollout_index: int) -> tuple[list[_MicroState], Tensor, Tensor]:

@@ -241,6 +241,7 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
         sigma=cfg.sigma,
         reward=cfg.reward,
         advantage=cfg.advantage,
+        estimator=cfg.estimator,
         advantage_batch=cfg.advantage_batch,
         epsilon=cfg.epsilon,
         epsilon_high=cfg.epsilon_high,

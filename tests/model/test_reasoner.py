@@ -328,3 +328,29 @@ def test_recommend_method_matches_function(tokenizer):
     b = recommend(model, histories, 3, catalog=ds, num_beams=4)
     assert a == b
     assert all(len(row) == 3 for row in a)
+
+
+@torch.no_grad()
+def test_latents_from_a_given_first_latent(tokenizer):
+    """``latents(first=...)`` continues the chain from the given r_1 (GRPO's noisy first
+    latent): checked against plain full forwards over [x, r_1, ...] with reference RATT."""
+    model = tiny_qwen2(tokenizer, num_latent=3, seed=2).eval()
+    with torch.no_grad():
+        for p in model.ratt.parameters():  # a chain that depends on its input
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    prompt, pmask, _, _ = _batch(tokenizer, PROMPTS, TARGETS)
+    hidden, cache = model.encode_prompt(prompt, pmask)
+    first = torch.randn(len(PROMPTS), model.hidden_size, generator=torch.Generator().manual_seed(3))
+    got = model.latents(hidden, pmask, cache, first=first)
+    assert cache.get_seq_length() == prompt.shape[1]  # cropped back to the prompt
+    emb = model.backbone.get_input_embeddings()
+    for b in range(len(PROMPTS)):
+        x = prompt[b][pmask[b].bool()]
+        rs = [first[b]]
+        for _ in range(2):
+            e = torch.cat([emb(x[None])] + [r.view(1, 1, -1) for r in rs], 1)
+            hs = model.backbone(inputs_embeds=e, output_hidden_states=True).hidden_states[-1]
+            rs.append(reference_ratt(model.ratt, hs, torch.ones(hs.shape[:2]))[0])
+        torch.testing.assert_close(got[b], torch.stack(rs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="first must be"):
+        model.latents(hidden, pmask, cache, first=first[:, :-1])
