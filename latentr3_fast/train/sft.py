@@ -477,12 +477,7 @@ class SFTTrainer:
             good = self.guard.ok(loss_sum, grad_norm)
         except TrainingError:  # name the step and the checkpoint to resume from
             # rank 0 alone owns the checkpoint dir (listing it may also tidy it)
-            last = latest_checkpoint(self.out) if self.out is not None and self.is_main else None
-            where = (
-                f"last good checkpoint: {last} (--resume continues from it)"
-                if last
-                else "no checkpoint was written yet"
-            )
+            where = self._resume_hint()
             raise TrainingError(
                 f"SFT stopped at step {self.global_step + 1}: {self.guard.consecutive} "
                 f"consecutive steps with a non-finite loss or gradient norm (now loss "
@@ -503,12 +498,24 @@ class SFTTrainer:
             "skipped": not good,
         }
 
+    def _resume_hint(self) -> str:
+        """Names the last good checkpoint (rank 0 alone owns the dir; listing may tidy it)."""
+        last = latest_checkpoint(self.out) if self.out is not None and self.is_main else None
+        if last:
+            return f"last good checkpoint: {last} (--resume continues from it)"
+        return "no checkpoint was written yet"
+
     def _validate_and_track(self, kind: str) -> bool:
         """Validate, update best / early stopping; True when training should stop."""
         if not self.valid_data:
             return False
         val = self.evaluate()
         self.last_eval_step = self.global_step
+        if not math.isfinite(val):
+            raise TrainingError(
+                f"SFT stopped at step {self.global_step}: the validation loss is {val} (the "
+                f"model's outputs are non-finite); {self._resume_hint()}"
+            )
         improved = self.best_val is None or val < self.best_val
         rec = {"event": kind, "epoch": self.epoch, "val_loss": val, "improved": improved}
         self.history.append({"step": self.global_step, **rec})
@@ -524,6 +531,10 @@ class SFTTrainer:
                 self._best_state = {
                     k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
                 }
+            return False
+        if self.guard.consecutive > 0:
+            # in a run of skipped (non-finite) steps the weights did not move: let the guard
+            # decide (it raises after max_bad_steps) instead of ending as an early stop
             return False
         self.bad_evals += 1
         return self.bad_evals >= self.cfg.patience

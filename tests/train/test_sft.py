@@ -176,6 +176,32 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(data, tmp_path):
         assert torch.equal(a, b), k
 
 
+@pytest.mark.parametrize("poison_valid", [True, False])
+def test_non_finite_run_is_never_an_early_stop(data, tmp_path, poison_valid):
+    """A run whose steps all turn non-finite must end with TrainingError (non-zero exit in
+    the CLI), not through early stopping (patience 1 < max_bad_steps 4, validation every
+    step). poison_valid: the validation loss is NaN too (outputs NaN) vs only the training
+    loss (the weights never move, so validation never improves)."""
+    _, train, valid = data
+    model = _model(data)
+    state = {}
+
+    def poison(trainer, rec):
+        if trainer.global_step == 1 and not state:
+            if poison_valid:
+                h = model.base_model.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
+            else:
+                h = model.base_model.norm.register_forward_hook(
+                    lambda m, i, o: o * float("nan") if m.training else o
+                )
+            state["hook"] = h
+
+    cfg = _cfg(output_dir=str(tmp_path), eval_steps=1, patience=1, max_bad_steps=4, epochs=3)
+    with pytest.raises(TrainingError, match="non-finite") as err:
+        SFTTrainer(model, cfg, train, valid, callbacks=[poison]).train()
+    assert "step" in str(err.value)
+
+
 def test_gradient_checkpointing_option_same_step(data):
     _, train, _ = data
     m1, m2 = _model(data, seed=2, num_latent=2), _model(data, seed=2, num_latent=2)
