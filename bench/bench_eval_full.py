@@ -95,6 +95,10 @@ def compare_methods(model, ds, args) -> dict:
         "max_score_diff": diff,
     }
     print(json.dumps(result, indent=2))
+    out = Path(args.out) if args.out else HERE / "results" / "bench_exact_methods_cpu.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return result
 
 
