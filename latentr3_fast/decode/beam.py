@@ -410,16 +410,18 @@ def exact_rank(
     log-probs of all its children (log-softmax over the full vocabulary); an item's score is
     the sum along its path. Two ways to feed the nodes, same numbers:
 
-    * ``method="tree"`` (default): a chunk of nodes (a preorder range, plus the ancestor path
-      of its first node) is ONE sequence on the prompt cache, with a 4-D attention mask that
-      lets each node see the prompt, the latent(s) and its own ancestors (tree attention);
-      positions are prompt length + depth. The prompt cache is never copied.
+    * ``method="tree"`` (what ``auto`` picks on sdpa/eager backbones with plain KV caches): a
+      chunk of nodes (a preorder range, plus the ancestor path of its first node) is ONE
+      sequence on the prompt cache, with a 4-D attention mask that lets each node see the
+      prompt, the latent(s) and its own ancestors (tree attention); positions are prompt
+      length + depth. The prompt cache is never copied.
     * ``method="frontier"``: subtrees advance depth by depth on copies of the prompt cache,
-      one row per frontier node. Used for attention backends that take no custom mask
-      (flash-attention).
+      one row per frontier node. ``auto`` uses it for attention backends that take no custom
+      mask (flash-attention, ...) and for sliding-window caches (which drop old positions).
 
-    ``max_rows`` bounds the rows (prompts x nodes) of one forward, so memory does not depend
-    on the catalogue size beyond the ``[B, num_nodes]`` score table. In the tree method each
+    ``max_rows`` bounds the rows (prompts x nodes) of one forward (in the tree method plus
+    each chunk's ancestor path, at most the trie depth), so memory does not depend on the
+    catalogue size beyond the ``[B, num_nodes]`` score table. In the tree method each
     node attends to the prompt plus its chunk, so smaller chunks are cheaper per node until
     the per-forward overhead dominates (CPU, CDs catalogue: 128 nodes per prompt was best).
 
@@ -432,10 +434,7 @@ def exact_rank(
     """
     if max_rows < 1:
         raise ConfigError(f"exact_rank: max_rows={max_rows} must be >= 1")
-    if method == "auto":
-        attn = str(getattr(reasoner.backbone.config, "_attn_implementation", "") or "")
-        method = "frontier" if attn.startswith("flash") else "tree"
-    if method not in ("tree", "frontier"):
+    if method not in ("auto", "tree", "frontier"):
         raise ConfigError(f"exact_rank: method={method!r}: expected 'auto', 'tree' or 'frontier'")
     device = prompt_ids.device
     csr = trie.to_csr()
@@ -467,6 +466,11 @@ def exact_rank(
 
     h0, cache0, past0 = _prefill(reasoner, prompt_ids, prompt_mask, latents)
     expand(np.array([0]), h0)
+    tree_ok, why = _tree_supported(reasoner, cache0)
+    if method == "auto":
+        method = "tree" if tree_ok else "frontier"
+    elif method == "tree" and not tree_ok:
+        raise ConfigError(f"exact_rank: method='tree' is not supported here ({why}); use 'auto'")
     budget = max(1, max_rows // max(b, 1))
     if method == "tree":
         _tree_forwards(reasoner, csr, cache0, past0, budget, expand)
@@ -493,6 +497,18 @@ def exact_rank(
     )
     _attach_items(res, trie)
     return res
+
+
+def _tree_supported(reasoner: Any, cache: Any) -> tuple[bool, str]:
+    """Tree attention needs a backend that takes a custom 4-D mask and a cache that keeps
+    every position (a sliding-window layer drops old keys and cannot be cropped back)."""
+    attn = str(getattr(reasoner.backbone.config, "_attn_implementation", "") or "")
+    if attn not in ("sdpa", "eager"):
+        return False, f"attention implementation {attn!r} takes no custom 4-D mask"
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [])}
+    if kinds - {"DynamicLayer"}:
+        return False, f"KV cache layers {sorted(kinds)} (sliding window) drop old positions"
+    return True, ""
 
 
 def _tree_forwards(reasoner, csr, cache0, past0, budget, expand) -> None:

@@ -236,6 +236,10 @@ class RunConfig:
             raise ConfigError("--num-generations must be >= 2 (one clean row plus noisy rows)")
         if self.sigma < 0:
             raise ConfigError(f"--sigma must be >= 0, got {self.sigma}")
+        if self.estimator == "score" and not self.sigma > 0:
+            raise ConfigError("--estimator score needs --sigma > 0 (the latent policy's density)")
+        if self.estimator == "score" and self.beta != 0.0:
+            raise ConfigError("--beta is defined on target log-probs: use --estimator reparam")
         if self.beta != 0.0 and self.trainable == "latent":
             raise ConfigError(
                 "--beta must be 0 when only LatentRATT trains (--trainable latent): the "

@@ -97,7 +97,11 @@ class GRPOConfig:
     num_generations: int = 8  # G = 1 clean + G-1 noisy rows per prompt
     sigma: float = 1.5  # std of the latent noise (reference 1.5)
     reward: str = "ppl"  # "ppl" (LatentR3) | "hit" (original GRPO; needs a decoder)
-    estimator: str = "reparam"  # "reparam" (reference) | "score" (Gaussian policy log-density)
+    # "reparam" (reference) | "score" (Gaussian policy log-density). With "score" the latent
+    # is the only stochastic action: the gradient reaches the backbone (trainable="all") only
+    # through r, and with reward="hit" the decoded completions (deterministic beam search) get
+    # no log-prob term.
+    estimator: str = "reparam"
     advantage: str = "batch"  # "batch" | "group" | "none"
     advantage_batch: int | None = None  # prompts per advantage batch; None = prompts_per_step
     # loss
@@ -906,6 +910,7 @@ class GRPOTrainer:
             "rollout_index": self.rollout_index,
             "guard": self.guard.state_dict(),
             "trainable": self.cfg.trainable,
+            "estimator": self.cfg.estimator,
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
         }
         return save_checkpoint(
@@ -927,6 +932,11 @@ class GRPOTrainer:
         if meta.get("stage") != "grpo" or meta.get("trainable") != self.cfg.trainable:
             raise ConfigError(
                 f"{last}: not a GRPO checkpoint with trainable={self.cfg.trainable!r}"
+            )
+        if meta.get("estimator", "reparam") != self.cfg.estimator:
+            raise ConfigError(
+                f"{last}: written with estimator={meta.get('estimator', 'reparam')!r}, resumed "
+                f"with estimator={self.cfg.estimator!r}; resume with the same estimator"
             )
         self.global_step = int(meta["global_step"])
         self.rollout_index = int(meta["rollout_index"])

@@ -239,6 +239,7 @@ class SFTTrainer:
         self.best_val: float | None = None
         self.best_step: int | None = None
         self.bad_evals = 0
+        self.applied_since_eval = 0  # optimizer steps applied (not skipped) since validation
         self.stopped_early = False
         self.history: list[dict[str, Any]] = []
         self.last_eval_step = -1
@@ -284,6 +285,7 @@ class SFTTrainer:
             "best_val": self.best_val,
             "best_step": self.best_step,
             "bad_evals": self.bad_evals,
+            "applied_since_eval": self.applied_since_eval,
             "stopped_early": self.stopped_early,
             "history": self.history,
             "last_eval_step": self.last_eval_step,
@@ -303,6 +305,7 @@ class SFTTrainer:
         self.best_val = st["best_val"]
         self.best_step = st["best_step"]
         self.bad_evals = int(st["bad_evals"])
+        self.applied_since_eval = int(st.get("applied_since_eval", 1))
         self.stopped_early = bool(st["stopped_early"])
         self.history = list(st["history"])
         self.last_eval_step = int(st["last_eval_step"])
@@ -487,6 +490,7 @@ class SFTTrainer:
             ) from None
         if good:
             self.optimizer.step()
+            self.applied_since_eval += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {
@@ -511,6 +515,7 @@ class SFTTrainer:
             return False
         val = self.evaluate()
         self.last_eval_step = self.global_step
+        applied, self.applied_since_eval = self.applied_since_eval, 0
         if not math.isfinite(val):
             raise TrainingError(
                 f"SFT stopped at step {self.global_step}: the validation loss is {val} (the "
@@ -532,9 +537,10 @@ class SFTTrainer:
                     k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
                 }
             return False
-        if self.guard.consecutive > 0:
-            # in a run of skipped (non-finite) steps the weights did not move: let the guard
-            # decide (it raises after max_bad_steps) instead of ending as an early stop
+        if applied == 0:
+            # every step since the last validation was skipped (non-finite): the weights did
+            # not move, so let the guard decide (it raises after max_bad_steps) instead of
+            # ending the run as an early stop
             return False
         self.bad_evals += 1
         return self.bad_evals >= self.cfg.patience

@@ -266,3 +266,44 @@ def test_exact_rank_tree_equals_frontier(tiny_setup, batch_of, max_rows):
         exact_rank(*args, method="dense")
     with pytest.raises(ConfigError, match="max_rows"):
         exact_rank(*args, max_rows=0)
+
+
+def test_exact_rank_sliding_window_backbone_uses_frontier(tiny_setup, batch_of):
+    """A sliding-window KV cache drops old positions, so tree attention cannot run on it:
+    ``auto`` must fall back to the frontier method (same ranking as on the full-attention
+    twin when the window covers everything) and an explicit ``tree`` is a clear error."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from latentr3_fast.model import LatentReasoner
+
+    tok, trie = tiny_setup["tok"], tiny_setup["trie"]
+    batch = batch_of([0, 3])
+    args = (batch.prompt_ids, batch.prompt_mask, trie)
+
+    def model(sliding: bool):
+        cfg = Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            use_sliding_window=sliding,
+            sliding_window=4096 if sliding else None,
+            max_window_layers=0,
+        )
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        return LatentReasoner(Qwen2ForCausalLM(cfg), tok, num_latent=1).eval()
+
+    windowed, full = model(True), model(False)
+    with torch.no_grad():
+        got = exact_rank(windowed, *args, max_rows=20)
+        with pytest.raises(ConfigError, match="sliding window"):
+            exact_rank(windowed, *args, method="tree")
+        ref = exact_rank(full, *args, max_rows=20, method="tree")
+    assert torch.equal(got.states, ref.states)
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-5, rtol=1e-5)

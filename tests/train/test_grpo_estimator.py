@@ -55,6 +55,28 @@ def test_score_bad_config(kwargs, match):
         GRPOConfig(**kwargs).validate()
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"sigma": 0.0}, "--sigma > 0"), ({"beta": 0.1, "trainable": "all"}, "--estimator reparam")],
+)
+def test_cli_config_rejects_score_combinations_before_training(kwargs, match):
+    """Checked when the run starts, not after SFT has finished."""
+    from latentr3_fast.train.config import RunConfig
+
+    with pytest.raises(ConfigError, match=match):
+        RunConfig(estimator="score", **kwargs).validate()
+
+
+def test_resume_with_another_estimator_is_refused(tmp_path):
+    ds, tok, builder, model = tiny_setup(hidden=32)
+    samples = varied_samples(ds, builder, 8)
+    base = dict(num_generations=2, prompts_per_step=4, micro_batch_prompts=4, progress=False)
+    cfg = GRPOConfig(output_dir=str(tmp_path), estimator="score", max_steps=1, **base)
+    GRPOTrainer(model, cfg, samples).train()
+    with pytest.raises(ConfigError, match="estimator='score'"):
+        GRPOTrainer(model, GRPOConfig(output_dir=str(tmp_path), resume=True, **base), samples)
+
+
 @pytest.mark.parametrize("micro", [4, 2])
 def test_score_gradient_is_the_gaussian_policy_gradient(micro):
     """At ratio 1 the loss gradient is -sum_rows A_k eps_k . dr/dtheta / sigma / n_rows: checked

@@ -202,6 +202,36 @@ def test_non_finite_run_is_never_an_early_stop(data, tmp_path, poison_valid):
     assert "step" in str(err.value)
 
 
+def test_one_skipped_step_does_not_delay_early_stopping(data):
+    """Steps applied since the last validation count: a single non-finite step right before a
+    validation must not postpone an early stop (patience 1, validation every 3 steps)."""
+    _, train, valid = data
+
+    def run(poison_step):
+        model = _model(data)
+        vals = iter([1.0, 2.0, 3.0, 4.0])  # never improves after the first validation
+        hooks = []
+
+        def cb(trainer, rec):
+            if trainer.global_step == poison_step - 1:
+                hooks.append(
+                    model.base_model.norm.register_forward_hook(
+                        lambda m, i, o: o * float("nan") if m.training else o
+                    )
+                )
+            elif hooks:
+                hooks.pop().remove()
+
+        cfg = _cfg(eval_steps=3, patience=1, max_bad_steps=4, epochs=3)
+        tr = SFTTrainer(model, cfg, train, valid, callbacks=[cb])
+        tr.evaluate = lambda data=None: next(vals)
+        res = tr.train()
+        return res.stopped_early, res.global_step, tr.guard.total
+
+    assert run(poison_step=-1) == (True, 6, 0)
+    assert run(poison_step=6) == (True, 6, 1)
+
+
 def test_gradient_checkpointing_option_same_step(data):
     _, train, _ = data
     m1, m2 = _model(data, seed=2, num_latent=2), _model(data, seed=2, num_latent=2)
