@@ -7,19 +7,16 @@ import math
 
 import pytest
 import torch
-from grpo_helpers import tiny_setup, varied_samples
+from grpo_helpers import load_bench_module, tiny_setup, varied_samples
 
-from latentr3_fast.data import PromptBuilder, collate, dataset_corpus, make_synthetic
-from latentr3_fast.data import train_tokenizer as train_bpe
+from latentr3_fast.data import collate
 from latentr3_fast.errors import ConfigError
-from latentr3_fast.model import tiny_qwen2
 from latentr3_fast.train.grpo import (
     GRPOConfig,
     GRPOTrainer,
     gaussian_policy_logprob,
     step_noise,
 )
-from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
 
 def test_gaussian_policy_logprob_hand_computed():
@@ -121,40 +118,6 @@ def test_score_gradient_is_the_gaussian_policy_gradient(micro):
         assert p.grad.abs().max() > 0
 
 
-def _sft_then_grpo_setup():
-    """A tiny 1-layer Qwen2 after a short SFT on the synthetic catalogue (~4 s)."""
-    ds = make_synthetic(num_items=120, num_users=200, seed=0)
-    tok = train_bpe(dataset_corpus(ds), vocab_size=512)
-    model = tiny_qwen2(
-        tok,
-        hidden_size=64,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate=128,
-        seed=0,
-        num_latent=1,
-        torch_dtype=torch.float32,
-        device="cpu",
-        attn_implementation="sdpa",
-    )
-    pb = PromptBuilder(tok, ds.category, num_latent=1, max_length=256)
-    train, valid = pb.encode_many(ds.train), pb.encode_many(ds.valid)
-    sft = SFTConfig(
-        output_dir=None,
-        epochs=100,
-        max_steps=15,
-        batch_size=32,
-        grad_accum=1,
-        lr=3e-3,
-        warmup_steps=5,
-        progress=False,
-        seed=0,
-    )
-    SFTTrainer(model, sft, train, valid).train()
-    return model, train, valid
-
-
 def test_short_grpo_after_sft_raises_heldout_clean_reward():
     """Issue #5: GRPO (LatentRATT only) after SFT raises the mean clean-latent reward
     (-perplexity of the target) on held-out validation prompts.
@@ -166,7 +129,8 @@ def test_short_grpo_after_sft_raises_heldout_clean_reward():
     """
     import copy
 
-    model, train, valid = _sft_then_grpo_setup()
+    # the setting of bench/grpo_estimators.py (README table), first column: 15 SFT steps
+    model, train, valid, _ = load_bench_module("grpo_estimators").sft_model(15)
     results = {}
     for est in ("score", "reparam"):
         m = copy.deepcopy(model)
