@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .beam import BeamResult, beam_search, exact_rank, resolve_backend
+from .beam import BeamResult, beam_search, exact_rank, exact_rank_scorings, resolve_backend
 from .recommend import catalogue_trie, recommend
 from .trie import DeviceTrie, ItemTrie
 
@@ -13,6 +13,7 @@ __all__ = [
     "beam_search",
     "catalogue_trie",
     "exact_rank",
+    "exact_rank_scorings",
     "recommend",
     "resolve_backend",
 ]

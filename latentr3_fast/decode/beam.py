@@ -26,6 +26,7 @@ with a tree-attention mask (``exact_rank``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from latentr3_fast.errors import ConfigError
 
 from .trie import DeviceTrie, ItemTrie
 
-__all__ = ["BeamResult", "beam_search", "exact_rank", "resolve_backend"]
+__all__ = ["BeamResult", "beam_search", "exact_rank", "exact_rank_scorings", "resolve_backend"]
 
 _NEG_INF = float("-inf")
 
@@ -404,6 +405,33 @@ def exact_rank(
     latents: torch.Tensor | None = None,
     method: str = "auto",
 ) -> BeamResult:
+    """Scores every item exactly (teacher forcing) and ranks the whole catalogue; see
+    :func:`exact_rank_scorings` (one length penalty)."""
+    return exact_rank_scorings(
+        reasoner,
+        prompt_ids,
+        prompt_mask,
+        trie,
+        [length_penalty],
+        top_k=top_k,
+        max_rows=max_rows,
+        latents=latents,
+        method=method,
+    )[0]
+
+
+@torch.no_grad()
+def exact_rank_scorings(
+    reasoner: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    trie: ItemTrie,
+    length_penalties: Sequence[float] = (0.0,),
+    top_k: int | None = None,
+    max_rows: int = 2048,
+    latents: torch.Tensor | None = None,
+    method: str = "auto",
+) -> list[BeamResult]:
     """Scores every item exactly (teacher forcing) and ranks the whole catalogue.
 
     Each internal trie node is forwarded once per prompt and its hidden state gives the
@@ -425,15 +453,21 @@ def exact_rank(
     node attends to the prompt plus its chunk, so smaller chunks are cheaper per node until
     the per-forward overhead dominates (CPU, CDs catalogue: 128 nodes per prompt was best).
 
+    The summed log-probs do not depend on the length penalty, so one pass ranks the
+    catalogue under every penalty given (BIGRec 1.0 and D3 0.0 at the cost of one).
+
     Args:
+        length_penalties: one ranking per value (score = sum_logp / len^lp).
         top_k: hypotheses returned per prompt (default: all terminal nodes).
         latents: ``[B, N, d]`` to use instead of ``reasoner.latents`` (e.g. N = 0).
         method: ``auto`` | ``tree`` | ``frontier``.
     Returns:
-        BeamResult over terminal states, best first (score = sum_logp / len^lp).
+        one BeamResult per length penalty over terminal states, best first.
     """
     if max_rows < 1:
         raise ConfigError(f"exact_rank: max_rows={max_rows} must be >= 1")
+    if len(length_penalties) == 0:
+        raise ConfigError("exact_rank_scorings: length_penalties is empty")
     if method not in ("auto", "tree", "frontier"):
         raise ConfigError(f"exact_rank: method={method!r}: expected 'auto', 'tree' or 'frontier'")
     device = prompt_ids.device
@@ -486,17 +520,20 @@ def exact_rank(
     term_t = torch.tensor(terminal, device=device)
     lens = torch.tensor(depths[terminal], device=device)
     sums = node_sum[:, term_t]
-    scores = sums / lens.float().pow(float(length_penalty))
     k = len(terminal) if top_k is None else min(int(top_k), len(terminal))
-    top_scores, idx = torch.topk(scores, k, dim=1)
-    res = BeamResult(
-        states=term_t[idx],
-        scores=top_scores,
-        sum_logp=sums.gather(1, idx),
-        lengths=lens[idx],
-    )
-    _attach_items(res, trie)
-    return res
+    out = []
+    for lp in length_penalties:
+        scores = sums / lens.float().pow(float(lp))
+        top_scores, idx = torch.topk(scores, k, dim=1)
+        res = BeamResult(
+            states=term_t[idx],
+            scores=top_scores,
+            sum_logp=sums.gather(1, idx),
+            lengths=lens[idx],
+        )
+        _attach_items(res, trie)
+        out.append(res)
+    return out
 
 
 def _tree_supported(reasoner: Any, cache: Any) -> tuple[bool, str]:

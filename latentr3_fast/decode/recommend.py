@@ -14,7 +14,7 @@ import torch
 
 from latentr3_fast.errors import ConfigError, DataError
 
-from .beam import BeamResult, beam_search, exact_rank
+from .beam import BeamResult, beam_search, exact_rank, exact_rank_scorings
 from .trie import ItemTrie
 
 __all__ = ["catalogue_trie", "default_prompt_builder", "rank_batch", "recommend"]
@@ -60,12 +60,28 @@ def rank_batch(
     rank: str = "beam",
     backend: str = "auto",
     max_new_tokens: int = 128,
-) -> BeamResult:
-    """Ranks the catalogue for a batch of EncodedSamples (prompt ids; targets unused)."""
+    length_penalties: Sequence[float] | None = None,
+) -> BeamResult | list[BeamResult]:
+    """Ranks the catalogue for a batch of EncodedSamples (prompt ids; targets unused).
+
+    With ``length_penalties`` it returns one BeamResult per penalty (``length_penalty`` is
+    then ignored): exact ranking scores the catalogue once for all of them, beam search
+    runs once per penalty (the penalty steers the search)."""
     from latentr3_fast.data import collate
 
     pad = reasoner.tokenizer.pad_token_id
     batch = collate(list(encoded), pad).to(reasoner.device)
+    if length_penalties is not None:
+        if rank == "exact":
+            return exact_rank_scorings(
+                reasoner, batch.prompt_ids, batch.prompt_mask, trie, length_penalties, top_k=k
+            )
+        kw = dict(
+            k=k, num_beams=num_beams, rank=rank, backend=backend, max_new_tokens=max_new_tokens
+        )
+        return [
+            rank_batch(reasoner, encoded, trie, length_penalty=lp, **kw) for lp in length_penalties
+        ]
     if rank == "beam":
         return beam_search(
             reasoner,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalResult, evaluate, evaluate_scorings
 from .metrics import (
     DEFAULT_KS,
     first_hit_rank,
@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_KS",
     "EvalResult",
     "evaluate",
+    "evaluate_scorings",
     "first_hit_rank",
     "group_metrics",
     "metrics_from_ranks",

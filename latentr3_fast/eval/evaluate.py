@@ -3,11 +3,13 @@
 ``evaluate(reasoner, dataset, split="test", num_beams=10, length_penalty=0.0, rank="beam")``
 returns an :class:`EvalResult` with the SPEC section 6 metrics, per-popularity-group metrics,
 the out-of-catalogue count and one prediction record per row (writable as JSON lines).
+``evaluate_scorings`` does the same under several length penalties in one pass over the split.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from .metrics import (
     popularity_groups,
 )
 
-__all__ = ["EvalResult", "evaluate"]
+__all__ = ["EvalResult", "evaluate", "evaluate_scorings"]
 
 
 @dataclass
@@ -85,6 +87,53 @@ def evaluate(
     Returns:
         EvalResult.
     """
+    paths = None if predictions_path is None else [predictions_path]
+    return evaluate_scorings(
+        reasoner,
+        dataset,
+        [length_penalty],
+        split=split,
+        num_beams=num_beams,
+        rank=rank,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        ks=ks,
+        top_fraction=top_fraction,
+        prompt_builder=prompt_builder,
+        backend=backend,
+        max_new_tokens=max_new_tokens,
+        predictions_paths=paths,
+        progress=progress,
+    )[0]
+
+
+def evaluate_scorings(
+    reasoner: Any,
+    dataset: Any,
+    length_penalties: Sequence[float],
+    split: str = "test",
+    num_beams: int = 10,
+    rank: str = "beam",
+    max_samples: int | None = None,
+    batch_size: int = 16,
+    *,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    top_fraction: float = 0.2,
+    prompt_builder: Any = None,
+    backend: str = "auto",
+    max_new_tokens: int = 128,
+    predictions_paths: Sequence[str | Path] | None = None,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """:func:`evaluate` under several length penalties (one EvalResult each, same order).
+
+    With ``rank="exact"`` every prompt is scored once and ranked under all penalties (the
+    summed log-probs do not depend on the penalty); grounding also runs once; beam search
+    runs once per penalty, since the penalty steers the search.
+
+    Args:
+        predictions_paths: one JSON-lines path per penalty (or None).
+    """
     from latentr3_fast.decode.recommend import (
         catalogue_trie,
         default_prompt_builder,
@@ -95,6 +144,13 @@ def evaluate(
         raise ConfigError(f"rank={rank!r}: expected 'beam', 'exact' or 'ground'")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: must be >= 1")
+    lps = [float(lp) for lp in length_penalties]
+    if not lps:
+        raise ConfigError("length_penalties: give at least one value")
+    if predictions_paths is not None and len(predictions_paths) != len(lps):
+        raise ConfigError(
+            f"predictions_paths: {len(predictions_paths)} paths for {len(lps)} length penalties"
+        )
     samples = list(dataset.split(split))
     if max_samples is not None:
         samples = samples[: int(max_samples)]
@@ -105,7 +161,7 @@ def evaluate(
     # group by prompt length: less padding, identical results (positions ignore padding)
     order = np.argsort([len(e.prompt_ids) for e in encoded], kind="stable")
     titles = list(dataset.items.titles)
-    preds: list[dict[str, Any] | None] = [None] * len(samples)
+    preds: list[list[dict[str, Any] | None]] = [[None] * len(samples) for _ in lps]
     was_training = reasoner.training
     reasoner.eval()
     bar = None
@@ -125,33 +181,22 @@ def evaluate(
                 from latentr3_fast.decode.grounding import ground_batch
 
                 res = ground_batch(reasoner, [encoded[i] for i in idx], index, n_return)
+                results = [res] * len(lps)  # the length penalty plays no part in grounding
             else:
-                res = rank_batch(
+                results = rank_batch(
                     reasoner,
                     [encoded[i] for i in idx],
                     trie,
                     k=n_return,
                     num_beams=num_beams,
-                    length_penalty=length_penalty,
+                    length_penalty=lps[0],
                     rank=rank,
                     backend=backend,
                     max_new_tokens=max_new_tokens,
+                    length_penalties=lps,
                 )
-            scores = res.scores.float().cpu().tolist()
-            for row, i in enumerate(idx):
-                s = samples[i]
-                ids = [it for it in res.item_ids[row] if it]
-                pred_titles = [titles[it[0]] for it in ids]
-                preds[i] = {
-                    "row": i,
-                    "user_id": s.user_id,
-                    "target_id": s.target_id,
-                    "target_title": s.target_title,
-                    "rank": first_hit_rank(pred_titles, s.target_title),
-                    "pred_titles": pred_titles,
-                    "pred_item_ids": ids,
-                    "scores": scores[row][: len(ids)],
-                }
+            for j, res in enumerate(results):
+                _record_rows(preds[j], res, idx, samples, titles)
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -159,23 +204,47 @@ def evaluate(
             bar.close()
         reasoner.train(was_training)
 
-    rows: list[dict[str, Any]] = [p for p in preds if p is not None]
-    ranks = [p["rank"] for p in rows]
     is_pop = popularity_groups(dataset.popularity, top_fraction)
-    groups = group_metrics(ranks, [p["target_id"] for p in rows], is_pop, ks)
-    metrics: dict[str, Any] = dict(groups["all"])
-    metrics["groups"] = {"popular": groups["popular"], "unpopular": groups["unpopular"]}
-    metrics["out_of_catalogue"] = out_of_catalogue_count((p["pred_titles"] for p in rows), titles)
-    metrics["num_returned"] = n_return
-    metrics["ks_beyond_returned"] = [k for k in ks if k > n_return]
-    metrics.update(
-        split=split,
-        rank=rank,
-        num_beams=num_beams if rank == "beam" else None,
-        length_penalty=float(length_penalty),
-        top_fraction=top_fraction,
-    )
-    result = EvalResult(metrics=metrics, predictions=rows)
-    if predictions_path is not None:
-        result.to_jsonl(predictions_path)
-    return result
+    out = []
+    for j, lp in enumerate(lps):
+        rows: list[dict[str, Any]] = [p for p in preds[j] if p is not None]
+        ranks = [p["rank"] for p in rows]
+        groups = group_metrics(ranks, [p["target_id"] for p in rows], is_pop, ks)
+        metrics: dict[str, Any] = dict(groups["all"])
+        metrics["groups"] = {"popular": groups["popular"], "unpopular": groups["unpopular"]}
+        metrics["out_of_catalogue"] = out_of_catalogue_count(
+            (p["pred_titles"] for p in rows), titles
+        )
+        metrics["num_returned"] = n_return
+        metrics["ks_beyond_returned"] = [k for k in ks if k > n_return]
+        metrics.update(
+            split=split,
+            rank=rank,
+            num_beams=num_beams if rank == "beam" else None,
+            length_penalty=lp,
+            top_fraction=top_fraction,
+        )
+        result = EvalResult(metrics=metrics, predictions=rows)
+        if predictions_paths is not None:
+            result.to_jsonl(predictions_paths[j])
+        out.append(result)
+    return out
+
+
+def _record_rows(preds: list, res: Any, idx: list[int], samples: list, titles: list) -> None:
+    """Per-row prediction records of one ranked batch (rows ``idx`` of ``samples``)."""
+    scores = res.scores.float().cpu().tolist()
+    for row, i in enumerate(idx):
+        s = samples[i]
+        ids = [it for it in res.item_ids[row] if it]
+        pred_titles = [titles[it[0]] for it in ids]
+        preds[i] = {
+            "row": i,
+            "user_id": s.user_id,
+            "target_id": s.target_id,
+            "target_title": s.target_title,
+            "rank": first_hit_rank(pred_titles, s.target_title),
+            "pred_titles": pred_titles,
+            "pred_item_ids": ids,
+            "scores": scores[row][: len(ids)],
+        }

@@ -273,26 +273,28 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
 def evaluate_models(
     cfg: RunConfig, dataset: Any, models: dict[str, Any], out: Path
 ) -> list[dict[str, Any]]:
-    """Evaluate each model under each length penalty; write predictions; return records."""
-    from ..eval import evaluate
+    """Evaluate each model under each length penalty (exact ranking scores the catalogue once
+    for all penalties); write predictions; return records."""
+    from ..eval import evaluate_scorings
     from ..eval.report import scoring_name
 
     records = []
+    lps = list(cfg.length_penalty)
     for stage, model in models.items():
-        for lp in cfg.length_penalty:
-            scoring = scoring_name(lp)
-            res = evaluate(
-                model,
-                dataset,
-                split="test",
-                num_beams=cfg.num_beams,
-                length_penalty=lp,
-                rank=cfg.rank,
-                max_samples=cfg.max_eval_samples,
-                batch_size=cfg.eval_batch_size,
-                prompt_builder=prompt_builder(cfg, model, dataset),
-                predictions_path=out / f"predictions-{stage}-{scoring}.jsonl",
-            )
+        names = [scoring_name(lp) for lp in lps]
+        results = evaluate_scorings(
+            model,
+            dataset,
+            lps,
+            split="test",
+            num_beams=cfg.num_beams,
+            rank=cfg.rank,
+            max_samples=cfg.max_eval_samples,
+            batch_size=cfg.eval_batch_size,
+            prompt_builder=prompt_builder(cfg, model, dataset),
+            predictions_paths=[out / f"predictions-{stage}-{name}.jsonl" for name in names],
+        )
+        for lp, scoring, res in zip(lps, names, results):
             rec = {"model": MODEL_NAMES.get(stage, stage), "stage": stage, "scoring": scoring}
             rec["length_penalty"] = lp
             rec.update(res.metrics)

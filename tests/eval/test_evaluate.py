@@ -131,3 +131,31 @@ def test_empty_split_gives_nan_metrics(tiny_eval):
     ds, model = tiny_eval
     res = evaluate(model, ds, max_samples=0, progress=False)
     assert res.metrics["n"] == 0 and math.isnan(res.metrics["HR@10"])
+
+
+@pytest.mark.parametrize("rank", ["exact", "beam"])
+def test_evaluate_scorings_equals_one_evaluate_per_penalty(tiny_eval, tmp_path, rank):
+    """One pass under [0.0, 1.0] (exact: the catalogue is scored once) gives exactly what two
+    separate evaluate() calls give: metrics, predictions and the written JSON lines."""
+    from latentr3_fast.eval import evaluate_scorings
+
+    ds, model = tiny_eval
+    kw = dict(
+        rank=rank,
+        num_beams=4,
+        max_samples=9,
+        batch_size=4,
+        prompt_builder=short_pb(model, ds),
+        progress=False,
+    )
+    paths = [tmp_path / "d3.jsonl", tmp_path / "bigrec.jsonl"]
+    both = evaluate_scorings(model, ds, [0.0, 1.0], predictions_paths=paths, **kw)
+    for lp, got, path in zip([0.0, 1.0], both, paths):
+        ref = evaluate(model, ds, length_penalty=lp, predictions_path=tmp_path / "ref.jsonl", **kw)
+        assert got.metrics == ref.metrics
+        assert got.predictions == ref.predictions
+        assert path.read_text() == (tmp_path / "ref.jsonl").read_text()
+    if rank == "exact":  # the two scorings really rank differently somewhere
+        assert both[0].predictions != both[1].predictions
+    with pytest.raises(ConfigError, match="predictions_paths"):
+        evaluate_scorings(model, ds, [0.0, 1.0], predictions_paths=paths[:1], **kw)
