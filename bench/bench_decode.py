@@ -49,6 +49,8 @@ def qwen_tokenizer():
 
 
 class DictTrie:
+    """Plain nested-dict trie: the reference way (what the authors' code does)."""
+
     def __init__(self, seqs):
         self.root: dict = {}
         for seq in seqs:

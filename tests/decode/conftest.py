@@ -6,23 +6,23 @@ import pytest
 import torch
 
 
-class DictTrie:
-    """Plain nested-dict trie: the reference way (what the authors' code does)."""
+def _load_bench_decode():
+    """bench/bench_decode.py (bench/ is not a package): its DictTrie is the reference trie."""
+    import importlib.util
+    import sys
+    from pathlib import Path
 
-    def __init__(self, seqs):
-        self.root: dict = {}
-        for seq in seqs:
-            node = self.root
-            for t in seq:
-                node = node.setdefault(t, {})
+    name = "bench_decode"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
 
-    def allowed(self, prefix, fallback):
-        node = self.root
-        for t in prefix:
-            if t not in node:
-                return [fallback]
-            node = node[t]
-        return list(node) or [fallback]
+
+DictTrie = _load_bench_decode().DictTrie  # plain nested-dict trie: what the authors' code does
 
 
 @pytest.fixture(scope="session")
