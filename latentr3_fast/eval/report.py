@@ -108,8 +108,10 @@ def write_report(
     gains: Sequence[dict[str, Any]] = (),
     plots: Sequence[str] = (),
     notes: Sequence[str] = (),
+    latent_usage: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Write ``report.md``: results, popularity gains, timings, plots, environment, config."""
+    """Write ``report.md``: results, popularity gains, latent swap test, timings, plots,
+    environment, config. ``latent_usage`` maps a model name to ``LatentUsage.as_dict()``."""
     lines = ["# LatentR3 run report", "", "## Results", "", results_table(results, markdown=True)]
     if gains:
         lines += ["", "## Popular vs unpopular items (relative gain)", ""]
@@ -118,6 +120,20 @@ def write_report(
             lines.append(
                 f"| {g['scoring']} | {g['group']} | {g['base']:.4f} | {g['new']:.4f} | "
                 f"{g['relative_gain']:+.1%} |"
+            )
+    if latent_usage:
+        lines += ["", "## Does the latent carry per-sample information? (swap test)", ""]
+        lines += [
+            "Validation NLL per target token with each row's own latent vs with the next "
+            "row's latent. A gap near 0 means the model uses the latent slot as a constant.",
+            "",
+            "| model | own latent | swapped latent | gap |",
+            "|---|---|---|---|",
+        ]
+        for name, u in latent_usage.items():
+            lines.append(
+                f"| {name} | {u['nll']:.4f} | {u['nll_swapped']:.4f} | "
+                f"{100 * u['relative_gap']:+.2f} % |"
             )
     lines += ["", "## Timings (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]

@@ -302,6 +302,23 @@ def evaluate_models(
     return records
 
 
+def latent_usage_of(
+    cfg: RunConfig, dataset: Any, models: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The swap test (eval/latent_usage.py) on the validation rows of each latent model."""
+    from ..eval.latent_usage import latent_usage
+
+    out: dict[str, dict[str, Any]] = {}
+    for stage, model in models.items():
+        rows = dataset.valid[: cfg.max_eval_samples]
+        if model.num_latent < 1 or len(rows) < 2:
+            continue
+        samples = prompt_builder(cfg, model, dataset).encode_many(rows)
+        usage = latent_usage(model, samples, batch_size=cfg.eval_batch_size)
+        out[MODEL_NAMES.get(stage, stage)] = usage.as_dict()
+    return out
+
+
 def popularity_baseline(dataset: Any, max_samples: int | None) -> dict[str, Any]:
     """HR/NDCG of ranking items by train popularity (a sanity floor for every model)."""
     from ..eval import metrics_from_ranks
@@ -417,6 +434,9 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
             )
         records = evaluate_models(cfg, dataset, to_eval, out)
         records.append(popularity_baseline(dataset, cfg.max_eval_samples))
+        usage = latent_usage_of(cfg, dataset, to_eval)
+        if usage:
+            (out / "latent_usage.json").write_text(json.dumps(usage, indent=2), encoding="utf-8")
         timings["eval"] = time.perf_counter() - t
         (out / "metrics.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
         logs = merge_logs(out, ["sft", "sft_baseline", "grpo"])
@@ -431,9 +451,15 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
             gains=gains,
             plots=plots,
             notes=[note] if note else [],
+            latent_usage=usage,
         )
         say("")
         say(results_table(records))
+        for name, u in usage.items():
+            say(
+                f"latent swap test, {name}: validation NLL {u['nll']:.4f} own latent vs "
+                f"{u['nll_swapped']:.4f} another row's ({100 * u['relative_gap']:+.2f} %)"
+            )
         say(f"\nresults, predictions and report.md in {out} ({timings['total']:.0f} s)")
     return records
 

@@ -61,6 +61,13 @@ def test_each_stage_alone_then_eval_writes_every_output(staged_run):
     assert cfg["stage"] == "eval" and cfg["resume"] is True  # the last command's config
     report = (out / "report.md").read_text()
     assert "HR@10" in report and "NDCG@10" in report and "LatentR3" in report
+    # the latent swap test ran for both latent models, on the evaluated validation rows
+    usage = json.loads((out / "latent_usage.json").read_text())
+    assert set(usage) == {"SFT only", "LatentR3"}
+    for u in usage.values():
+        assert u["rows"] == 8 and u["nll"] > 0 and u["nll_swapped"] > 0
+        assert math.isclose(u["gap"], u["nll_swapped"] - u["nll"], abs_tol=1e-12)
+    assert "swap test" in report and "latent swap test, SFT only" in results["eval"].stdout
     pngs = sorted(out.glob("*.png"))
     assert {"sft_loss.png", "grpo_reward.png", "metrics.png"} <= {p.name for p in pngs}
     for p in pngs:
