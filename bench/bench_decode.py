@@ -67,12 +67,17 @@ class DictTrie:
         return list(node) or [fallback]
 
 
-def hf_reference(model, batch, dict_trie, eos, num_beams, lp, max_new):
+def hf_reference(model, batch, dict_trie, eos, num_beams, lp, max_new, with_latent=True):
+    """HF generate + prefix_allowed_tokens_fn over the dict trie, with the latent in the thought
+    slot via inputs_embeds (without it when ``with_latent`` is False). Per row [(tokens, score)].
+    """
     with torch.no_grad():
-        hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
-        r = model.latents(hidden, batch.prompt_mask, cache)
-        emb = torch.cat([model.embed(batch.prompt_ids), r.to(model.dtype)], 1)
-        mask = torch.cat([batch.prompt_mask, torch.ones_like(batch.prompt_mask[:, :1])], 1)
+        emb, mask = model.embed(batch.prompt_ids), batch.prompt_mask
+        if with_latent:
+            hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+            r = model.latents(hidden, batch.prompt_mask, cache)
+            emb = torch.cat([emb, r.to(model.dtype)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = model.backbone.generate(
             inputs_embeds=emb,
             attention_mask=mask,
@@ -95,7 +100,7 @@ def hf_reference(model, batch, dict_trie, eos, num_beams, lp, max_new):
             seq = out.sequences[b * num_beams + j].tolist()
             seq = seq[: seq.index(eos) + 1] if eos in seq else seq
             score = float(out.sequences_scores[b * num_beams + j])
-            if score > -1e8:
+            if score > -1e8:  # HF placeholder beams (DESIGN.md, measured pitfalls)
                 hyps.append((seq, score))
         rows.append(hyps)
     return rows

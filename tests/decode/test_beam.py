@@ -12,43 +12,12 @@ from latentr3_fast.errors import ConfigError
 
 
 def hf_generate(setup, batch, num_beams, lp, with_latent=True):
-    """Reference: HF generate + prefix_allowed_tokens_fn over a Python dict trie, with the
-    latent in the thought slot via inputs_embeds. Returns per row [(tokens, score)]."""
-    m, eos, dtrie = setup["model"], setup["tok"].eos_token_id, setup["dict"]
-    with torch.no_grad():
-        emb = m.embed(batch.prompt_ids)
-        mask = batch.prompt_mask
-        if with_latent:
-            hidden, cache = m.encode_prompt(batch.prompt_ids, batch.prompt_mask)
-            r = m.latents(hidden, batch.prompt_mask, cache)
-            emb = torch.cat([emb, r.to(emb.dtype)], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = m.backbone.generate(
-            inputs_embeds=emb,
-            attention_mask=mask,
-            num_beams=num_beams,
-            num_return_sequences=num_beams,
-            length_penalty=lp,
-            early_stopping="never",
-            prefix_allowed_tokens_fn=lambda _b, ids: dtrie.allowed(ids.tolist(), eos),
-            max_new_tokens=setup["trie"].max_depth,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_scores=True,
-            pad_token_id=eos,
-            eos_token_id=eos,
-        )
-    rows = []
-    for b in range(len(batch)):
-        hyps = []
-        for j in range(num_beams):
-            seq = out.sequences[b * num_beams + j].tolist()
-            seq = seq[: seq.index(eos) + 1] if eos in seq else seq
-            score = float(out.sequences_scores[b * num_beams + j])
-            if score > -1e8:  # HF placeholder beams (DESIGN.md, measured pitfalls)
-                hyps.append((seq, score))
-        rows.append(hyps)
-    return rows
+    """Reference: bench_decode's HF generate over a Python dict trie (loaded by conftest)."""
+    from bench_decode import hf_reference
+
+    m, eos = setup["model"], setup["tok"].eos_token_id
+    max_new = setup["trie"].max_depth
+    return hf_reference(m, batch, setup["dict"], eos, num_beams, lp, max_new, with_latent)
 
 
 @pytest.mark.parametrize(

@@ -36,21 +36,13 @@ torch.set_num_threads(1)
 
 
 def build():
+    from reliability_tiny import tiny_model
+
     from latentr3_fast.data import train_tokenizer
-    from latentr3_fast.model import tiny_qwen2
     from latentr3_fast.train.common import build_optimizer, build_scheduler
 
     tok = train_tokenizer(['"a b c"\n', "hello world"] * 3, vocab_size=280)
-    model = tiny_qwen2(
-        tok,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate=64,
-        seed=0,
-        num_latent=1,
-    )
+    model = tiny_model(tok, num_heads=4, num_kv_heads=2)
     opt = build_optimizer(model, "adamw", lr=1e-3)
     sched = build_scheduler(opt, "linear", 2, 100)
     return model, opt, sched

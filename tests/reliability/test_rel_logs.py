@@ -12,9 +12,8 @@ import math
 
 import pytest
 from reliability_helpers import count
+from reliability_tiny import tiny_data, tiny_model
 
-from latentr3_fast.data import PromptBuilder, dataset_corpus, make_synthetic, train_tokenizer
-from latentr3_fast.model import tiny_qwen2
 from latentr3_fast.train.common import JsonlLogger, checkpoint_dirs
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
@@ -60,23 +59,11 @@ def test_jsonl_logger_bytes_per_step_are_constant(tmp_path):
 
 @pytest.fixture(scope="module")
 def data():
-    ds = make_synthetic(num_items=30, num_users=30, seed=2)
-    tok = train_tokenizer(dataset_corpus(ds, "clean"), vocab_size=300)
-    pb = PromptBuilder(tok, ds.category, template="clean", num_latent=1, max_length=48)
-    return tok, pb.encode_many(ds.train[:16]), pb.encode_many(ds.valid[:4])
+    return tiny_data(seed=2, n_train=16, n_valid=4)
 
 
 def _model(tok):
-    return tiny_qwen2(
-        tok,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate=64,
-        seed=0,
-        num_latent=1,
-    )
+    return tiny_model(tok)
 
 
 def test_sft_log_and_checkpoint_state_growth(data, tmp_path):

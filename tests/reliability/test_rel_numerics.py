@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from reliability_helpers import count
+from reliability_tiny import tiny_data, tiny_model
 
-from latentr3_fast.data import PromptBuilder, dataset_corpus, make_synthetic, train_tokenizer
 from latentr3_fast.errors import TrainingError
-from latentr3_fast.model import tiny_qwen2
 from latentr3_fast.ops import fused_linear_logprob_torch
 from latentr3_fast.train.common import NonFiniteGuard
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
@@ -20,23 +19,11 @@ from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
 @pytest.fixture(scope="module")
 def data():
-    ds = make_synthetic(num_items=30, num_users=30, seed=1)
-    tok = train_tokenizer(dataset_corpus(ds, "clean"), vocab_size=300)
-    pb = PromptBuilder(tok, ds.category, template="clean", num_latent=1, max_length=48)
-    return tok, pb.encode_many(ds.train[:16])
+    return tiny_data(seed=1, n_train=16)[:2]
 
 
 def _model(data):
-    return tiny_qwen2(
-        data[0],
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate=64,
-        seed=0,
-        num_latent=1,
-    )
+    return tiny_model(data[0])
 
 
 class StepSpy:

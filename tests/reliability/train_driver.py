@@ -34,29 +34,15 @@ def main() -> None:
     ap.add_argument("--grpo-steps", type=int, default=4)
     args = ap.parse_args()
 
+    from reliability_tiny import tiny_data, tiny_model
     from safetensors.torch import save_file
 
-    from latentr3_fast.data import PromptBuilder, dataset_corpus, make_synthetic, train_tokenizer
-    from latentr3_fast.model import tiny_qwen2
     from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
     from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
     out = Path(args.out)
-    ds = make_synthetic(num_items=30, num_users=30, seed=0)
-    tok = train_tokenizer(dataset_corpus(ds, "clean"), vocab_size=300)
-    model = tiny_qwen2(
-        tok,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate=64,
-        seed=0,
-        num_latent=1,
-    )
-    pb = PromptBuilder(model.tokenizer, ds.category, template="clean", num_latent=1, max_length=64)
-    train = pb.encode_many(ds.train[:32])
-    valid = pb.encode_many(ds.valid[:8])
+    tok, train, valid = tiny_data(seed=0, n_train=32, n_valid=8, max_length=64)
+    model = tiny_model(tok, num_heads=4, num_kv_heads=2)
     delay = args.step_delay
 
     sft_cfg = SFTConfig(
