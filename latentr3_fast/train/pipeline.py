@@ -27,6 +27,7 @@ from ..errors import ConfigError, DataError
 from .config import EMBEDDED_DEFAULTS, RunConfig, save_config
 
 MODEL_NAMES = {"sft_baseline": "w/o reasoning", "sft": "SFT only", "grpo": "LatentR3"}
+LATENT_USAGE_ROWS = 1000  # validation rows of the CLI's latent swap test
 RUN_MARKERS = ("metrics.json", "sft", "sft_baseline", "grpo")  # config.yaml alone: a failed start
 
 
@@ -305,12 +306,15 @@ def evaluate_models(
 def latent_usage_of(
     cfg: RunConfig, dataset: Any, models: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """The swap test (eval/latent_usage.py) on the validation rows of each latent model."""
+    """The swap test (eval/latent_usage.py) on the first validation rows of each latent model
+    (at most ``LATENT_USAGE_ROWS``: three prompt forwards per row, and the NLL mean is already
+    tight there)."""
     from ..eval.latent_usage import latent_usage
 
     out: dict[str, dict[str, Any]] = {}
+    limit = min(cfg.max_eval_samples or LATENT_USAGE_ROWS, LATENT_USAGE_ROWS)
     for stage, model in models.items():
-        rows = dataset.valid[: cfg.max_eval_samples]
+        rows = dataset.valid[:limit]
         if model.num_latent < 1 or len(rows) < 2:
             continue
         samples = prompt_builder(cfg, model, dataset).encode_many(rows)
