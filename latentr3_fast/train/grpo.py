@@ -67,7 +67,7 @@ from .common import (
     progress_bar,
     save_checkpoint,
 )
-from .rewards import PerplexityReward, RewardFunction, RewardResult, Rollout, make_reward
+from .rewards import RewardFunction, RewardResult, Rollout, RolloutPerplexityReward, make_reward
 
 __all__ = [
     "GRPOConfig",
@@ -945,4 +945,4 @@ class GRPOTrainer:
 
 
 # keep the default reward importable from here too
-__all__ += ["PerplexityReward"]
+__all__ += ["RolloutPerplexityReward"]

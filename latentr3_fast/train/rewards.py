@@ -5,8 +5,10 @@ the G-way Gaussian expansion and (when the reward asks for it) the suffix forwar
 the per-token log-probs of the ground-truth target. A reward object turns that rollout into one
 scalar per row:
 
-* :class:`PerplexityReward` (default, the paper's modified GRPO): ``s = -exp(-mean log p(y))``
-  from the log-probs the rollout already computed; no decoding.
+* :class:`RolloutPerplexityReward` (default, the paper's modified GRPO):
+  ``s = -exp(-mean log p(y))`` from the log-probs the rollout already computed; no decoding.
+  (For other trainers, ``latentr3_fast.reward.PerplexityReward`` computes the same reward from
+  a plain Hugging Face model.)
 * :class:`HitReward` ("original GRPO", paper 4.3.4 / App. F): decode every row with a
   constrained decoder and reward 1 when the decoded title equals the target's title. It also
   returns the decoded completions, on which the trainer then computes the policy loss.
@@ -31,7 +33,7 @@ __all__ = [
     "Rollout",
     "RewardResult",
     "RewardFunction",
-    "PerplexityReward",
+    "RolloutPerplexityReward",
     "HitReward",
     "beam_decoder",
     "exact_title_match",
@@ -105,7 +107,7 @@ class RewardFunction(Protocol):
     def __call__(self, rollout: Rollout) -> RewardResult: ...
 
 
-class PerplexityReward:
+class RolloutPerplexityReward:
     """Minus the perplexity of the ground-truth target (SPEC 5.2): s = -exp(-mean_i log p_i)."""
 
     name = "ppl"
@@ -116,7 +118,7 @@ class PerplexityReward:
         from ..ops import ppl_reward
 
         if rollout.target_logp is None:
-            raise ConfigError("PerplexityReward needs rollout.target_logp (suffix forward)")
+            raise ConfigError("RolloutPerplexityReward needs rollout.target_logp (suffix forward)")
         mask = rollout.target_mask.repeat_interleave(rollout.num_generations, dim=0)
         return RewardResult(rewards=ppl_reward(rollout.target_logp.float(), mask).float())
 
@@ -248,7 +250,7 @@ class HitReward:
 def make_reward(name: str, **kwargs: Any) -> RewardFunction:
     """Build a reward by its config name ("ppl" | "hit")."""
     if name == "ppl":
-        return PerplexityReward()
+        return RolloutPerplexityReward()
     if name == "hit":
         if "decoder" not in kwargs:
             raise ConfigError(

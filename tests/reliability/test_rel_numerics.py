@@ -13,7 +13,7 @@ from latentr3_fast.errors import TrainingError
 from latentr3_fast.ops import fused_linear_logprob_torch
 from latentr3_fast.train.common import NonFiniteGuard
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
-from latentr3_fast.train.rewards import PerplexityReward, RewardResult
+from latentr3_fast.train.rewards import RewardResult, RolloutPerplexityReward
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
 
@@ -180,7 +180,7 @@ class FlakyReward:
     uses_completions = False
 
     def __init__(self, bad: set[int], trainer_ref: list) -> None:
-        self.inner = PerplexityReward()
+        self.inner = RolloutPerplexityReward()
         self.bad = bad
         self.ref = trainer_ref
 

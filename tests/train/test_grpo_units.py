@@ -21,8 +21,8 @@ from latentr3_fast.train.grpo import (
 )
 from latentr3_fast.train.rewards import (
     HitReward,
-    PerplexityReward,
     RewardResult,
+    RolloutPerplexityReward,
     exact_title_match,
     make_reward,
 )
@@ -213,7 +213,7 @@ def test_reward_requirements(tiny):
     ds, tok, builder, model, samples = tiny
     with pytest.raises(ConfigError, match="decoder"):
         make_reward("hit")
-    assert isinstance(make_reward("ppl"), PerplexityReward)
+    assert isinstance(make_reward("ppl"), RolloutPerplexityReward)
     assert exact_title_match(["", ""], ['"A b"\n', "x"], targets=["A b", "y"]) == [1.0, 0.0]
     with pytest.raises(ConfigError, match="prompts_per_step"):
         GRPOTrainer(model, GRPOConfig(prompts_per_step=64, progress=False), samples)
