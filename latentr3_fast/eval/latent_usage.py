@@ -59,9 +59,9 @@ class LatentUsage:
 def latent_usage(model: Any, samples: Sequence[EncodedSample], batch_size: int = 32) -> LatentUsage:
     """Swap test of a latent model (``model.num_latent`` >= 1) on encoded samples.
 
-    Pass 1 computes the latents ``[rows, N, d]`` of every row; pass 2 scores each batch's
-    targets on its prompt cache twice: with its own latents, then with those of row
-    ``(i + 1) % rows``. Target tokens are the ones SFT trains on (EOS included).
+    Pass 1 computes the latents ``[rows, N, d]`` of every row and scores its targets with
+    them; pass 2 scores row i's targets with the latents of row ``(i + 1) % rows``: two prompt
+    forwards per row. Target tokens are the ones SFT trains on (EOS included).
 
     Args:
         model: a :class:`~latentr3_fast.model.LatentReasoner` with ``num_latent`` >= 1.
@@ -80,27 +80,27 @@ def latent_usage(model: Any, samples: Sequence[EncodedSample], batch_size: int =
     device = model.device
     try:
         spans = [(i, min(i + batch_size, len(samples))) for i in range(0, len(samples), batch_size)]
+
+        def score(b, cache, r) -> float:
+            h = model.suffix_forward(cache, b.prompt_mask, r, b.target_ids)
+            return -model.target_logprobs(h, b.target_ids, b.target_mask).sum().item()
+
+        # pass 1: every row's latents, and the NLL with them (on the same prompt cache)
         own: list[torch.Tensor] = []
+        nll, tokens = 0.0, 0
         for lo, hi in spans:
             b = collate(samples[lo:hi], pad).to(device)
             hidden, cache = model.encode_prompt(b.prompt_ids, b.prompt_mask)
             own.append(model.latents(hidden, b.prompt_mask, cache))
-        latents = torch.cat(own)
-        swapped = torch.roll(latents, shifts=-1, dims=0)  # row i gets row i+1's
-
-        nll = nll_swapped = 0.0
-        tokens = 0
+            nll += score(b, cache, own[-1])
+            tokens += int(b.target_mask.sum().item())
+        # pass 2: row i scored with row i+1's latents (they may come from another batch)
+        swapped = torch.roll(torch.cat(own), shifts=-1, dims=0)
+        nll_swapped = 0.0
         for lo, hi in spans:
             b = collate(samples[lo:hi], pad).to(device)
-            for r, is_own in ((latents[lo:hi], True), (swapped[lo:hi], False)):
-                _, cache = model.encode_prompt(b.prompt_ids, b.prompt_mask)
-                h = model.suffix_forward(cache, b.prompt_mask, r, b.target_ids)
-                lp = model.target_logprobs(h, b.target_ids, b.target_mask)
-                if is_own:
-                    nll -= lp.sum().item()
-                else:
-                    nll_swapped -= lp.sum().item()
-            tokens += int(b.target_mask.sum().item())
+            _, cache = model.encode_prompt(b.prompt_ids, b.prompt_mask)
+            nll_swapped += score(b, cache, swapped[lo:hi])
     finally:
         model.train(was_training)
     return LatentUsage(

@@ -307,7 +307,7 @@ def latent_usage_of(
     cfg: RunConfig, dataset: Any, models: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The swap test (eval/latent_usage.py) on the first validation rows of each latent model
-    (at most ``LATENT_USAGE_ROWS``: three prompt forwards per row, and the NLL mean is already
+    (at most ``LATENT_USAGE_ROWS``: two prompt forwards per row, and the NLL mean is already
     tight there)."""
     from ..eval.latent_usage import latent_usage
 
