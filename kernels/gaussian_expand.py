@@ -42,29 +42,47 @@ def _expand_kernel(
     ok = cols < D
     p = row // G
     k = row % G
-    x = tl.load(R + p * stride_rp + n * stride_rn + cols * stride_rd, mask=ok, other=0.0)
+    # int64 row offsets: [P*G, L, d] suffix buffers can pass 2**31 elements.
+    src = R + p.to(tl.int64) * stride_rp + n * stride_rn
+    x = tl.load(src + cols * stride_rd, mask=ok, other=0.0)
     x = x.to(tl.float32)
     if (n == 0) & (k > 0):
-        offs = (p * (G - 1) + (k - 1)) * D + cols
+        offs = (p.to(tl.int64) * (G - 1) + (k - 1)) * D + cols
         if HAS_NOISE:
             eps = tl.load(NOISE + offs, mask=ok, other=0.0)
         else:
             eps = tl.randn(seed, offs)
             tl.store(NOISE + offs, eps, mask=ok)
         x = x + sigma * eps
-    dst = OUT + row * stride_op + n * stride_on + cols * stride_od
+    dst = OUT + row.to(tl.int64) * stride_op + n * stride_on + cols * stride_od
     tl.store(dst, x.to(OUT.dtype.element_ty), mask=ok)
+
+
+# BLOCK_D on a GPU (4 warps): 1024 gives each thread 8 contiguous elements (128-bit loads for
+# bf16, two for fp32); 256 for small d. The interpreter takes one block per row.
+GPU_BLOCKS = (256, 1024)
+
+
+def reachable_blocks() -> tuple[int, ...]:
+    """Every BLOCK_D a GPU launch can use (compiled by the code-generation test)."""
+    return GPU_BLOCKS
+
+
+def _block(d: int) -> int:
+    if interpreting():
+        return min(4096, triton.next_power_of_2(d))
+    return GPU_BLOCKS[0] if d <= GPU_BLOCKS[0] else GPU_BLOCKS[1]
 
 
 def _launch(r, noise, out, seed, sigma, g, has_noise):
     p, n, d = r.shape
     if p * g * n * d == 0:
         return
-    block = min(1024 if not interpreting() else 4096, triton.next_power_of_2(d))
+    block = _block(d)
     _expand_kernel[(p * g, n, triton.cdiv(d, block))](
         r, noise, out, int(seed), float(sigma), g, d,
         r.stride(0), r.stride(1), r.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HAS_NOISE=has_noise, BLOCK_D=block,
+        HAS_NOISE=has_noise, BLOCK_D=block, num_warps=4,
     )  # fmt: skip
 
 

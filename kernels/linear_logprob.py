@@ -1,22 +1,35 @@
 """Triton fused LM head + log-softmax + gather (forward and backward).
 
-Forward: a grid of (row block, vocabulary split) programs; each walks its V tiles, computes the
-``[BLOCK_M, BLOCK_V]`` logits tile as a K-loop of ``tl.dot`` in fp32 accumulation, and keeps
-an online (max, sum-exp) per row plus the target logit. The per-split partials ``[S, M]`` are
-merged by a few tiny torch ops. The ``[M, V]`` logits never exist in memory.
+Forward (``_fwd_kernel``): a grid of (row block, vocabulary split) programs; each walks its V
+tiles, computes the ``[BLOCK_M, BLOCK_V]`` logits tile as a K-loop of ``tl.dot`` with an fp32
+accumulator, and keeps an online (max, sum-exp) per row plus the target logit. The per-split
+partials ``[S, M]`` are merged by a few tiny torch ops. The ``[M, V]`` logits never exist.
 
-Backward recomputes every logits tile from the saved per-row log-sum-exp, forms
-``g = (onehot - softmax) * grad_out / T`` in registers and adds ``g @ W`` into dH (and
-``g.T @ H`` into dW, ``sum(g)`` into db, only when those need grad) with fp32 atomics.
+Backward, deterministic and without atomics: rows are processed in chunks; for each chunk
+``_grad_kernel`` recomputes the logits tiles from the saved log-sum-exp and writes
+``g = (onehot - softmax) * grad_out / T`` in the compute dtype into a ``[chunk, V]`` buffer
+(every program owns its tile: plain stores). Then ``dH = g @ W`` and, only when the head trains,
+``dW += g.T @ H`` and ``db += sum(g)`` are ordinary GEMMs/reductions (the approach of Liger-
+Kernel's fused linear cross-entropy). Memory is bounded by the chunk buffer
+(``BWD_CHUNK_ELEMENTS``), never ``[M, V]``; results do not depend on launch order.
 
-Precision: every load is converted to fp32 at once (the interpreter computes bf16 wrongly).
-fp32 inputs use IEEE dots; fp16/bf16 inputs use TF32 dots, which is exact for them (their
-mantissas fit TF32's) while running on tensor cores.
+Precision: bf16/fp16 operands go into ``tl.dot`` in their own dtype (tensor cores at full
+rate) with fp32 accumulation; fp32 operands use IEEE dots (exact path). ``hidden`` is converted
+to ``weight.dtype`` on the host (the small tensor, never the ``[V, d]`` head), like the chunked
+torch path. Only under ``TRITON_INTERPRET=1`` are loads converted to fp32 (``UPCAST``), because
+the interpreter computes bf16 wrongly; a GPU never does that conversion. Softmax math is fp32.
+
+Configs: ``CONFIGS[arch][bucket]`` lists the (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages) that the
+dispatcher can pick; the first entry is the default, the others are searched only with
+``LATENTR3_AUTOTUNE=1`` (``triton.autotune``, keyed on V, d and dtype). Every entry is compiled
+for sm_80/sm_90 by ``tests/kernels/test_kernel_codegen.py`` (tensor-core type, zero spills).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,6 +37,55 @@ import triton.language as tl
 
 from latentr3_fast.ops._dispatch import interpreting
 from latentr3_fast.ops.logprob import check_logprob_args
+
+# Elements of the backward's per-chunk gradient buffer: 2**27 (256 MiB in bf16). At V=151,936
+# that is ~880 rows per chunk, so the two GEMMs per chunk stay large.
+BWD_CHUNK_ELEMENTS = 1 << 27
+AUTOTUNE_ENV = "LATENTR3_AUTOTUNE"
+
+
+class KernelConfig(NamedTuple):
+    """One launch configuration of the log-prob kernels."""
+
+    block_m: int
+    block_v: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Row buckets: the smallest BLOCK_M that covers small batches (no wasted MMA rows), 64 rows for
+# everything else. Per arch class ("sm80": A100-class and other pre-Hopper GPUs; "sm90": H100/
+# H200) and operand family ("16bit": bf16/fp16 tensor cores; "fp32": the exact IEEE path, which
+# runs on FMA units and needs smaller tiles to stay in registers). Sizes chosen so that the
+# accumulator plus the pipelined operands fit without spills (checked by the code-generation
+# test), not measured on a GPU: ``bench/gpu_check.sh`` records what the autotuner picks.
+ROW_BUCKETS = (16, 32, 64)
+_FP32 = {
+    16: (KernelConfig(16, 64, 32, 4, 2),),
+    32: (KernelConfig(32, 128, 32, 8, 2),),
+    64: (KernelConfig(64, 64, 16, 4, 2),),
+}
+CONFIGS: dict[str, dict[str, dict[int, tuple[KernelConfig, ...]]]] = {
+    "sm80": {
+        "16bit": {
+            16: (KernelConfig(16, 128, 64, 4, 3), KernelConfig(16, 256, 64, 8, 3)),
+            32: (KernelConfig(32, 128, 64, 4, 3), KernelConfig(32, 256, 64, 8, 3)),
+            64: (KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 128, 32, 4, 4)),
+        },
+        "fp32": _FP32,
+    },
+    "sm90": {
+        "16bit": {
+            16: (KernelConfig(16, 128, 64, 4, 3), KernelConfig(16, 256, 64, 8, 3)),
+            32: (KernelConfig(32, 128, 64, 4, 3), KernelConfig(32, 256, 64, 8, 3)),
+            64: (KernelConfig(64, 128, 64, 4, 3), KernelConfig(64, 256, 64, 8, 3)),
+        },
+        "fp32": _FP32,
+    },
+}
+# The interpreter pays per op, not per element: few, large tiles.
+_INTERPRET_BLOCK_V = 512
 
 
 @triton.jit
@@ -43,24 +105,25 @@ def _logits_tile(
     inv_t,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # int64 row offsets: rows * d and V * d pass 2**31 at real sizes (16k rows x 151,936 x 1536).
+    h_ptr = H + rows.to(tl.int64)[:, None] * stride_hm
+    w_ptr = W + cols.to(tl.int64)[None, :] * stride_wv
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        h = tl.load(
-            H + rows[:, None] * stride_hm + ks[None, :] * stride_hk,
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        w = tl.load(
-            W + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
-            mask=col_ok[None, :] & k_ok[:, None],
-            other=0.0,
-        ).to(tl.float32)
+        h_mask = row_ok[:, None] & k_ok[None, :]
+        w_mask = col_ok[None, :] & k_ok[:, None]
+        h = tl.load(h_ptr + ks[None, :] * stride_hk, mask=h_mask, other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
+        if UPCAST:  # interpreter only: its bf16 arithmetic is wrong
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -84,9 +147,10 @@ def _fwd_kernel(
     stride_wv,
     stride_wk,
     inv_t,
-    tiles_per_split,
+    num_splits,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -99,14 +163,18 @@ def _fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    tile0 = pid_s * tiles_per_split
-    tile1 = tl.minimum(tile0 + tiles_per_split, tl.cdiv(V, BLOCK_V))
-    for tile in range(tile0, tile1):  # every tile holds >= 1 real column: max stays finite
+    n_tiles = tl.cdiv(V, BLOCK_V)
+    per_split = tl.cdiv(n_tiles, num_splits)
+    tile0 = pid_s * per_split
+    tile1 = tl.minimum(tile0 + per_split, n_tiles)
+    # Every visited tile holds >= 1 real column, so m_i is finite after it. A split with no
+    # tile stores (-inf, 0, 0), which the host merge turns into a zero contribution.
+    for tile in range(tile0, tile1):
         cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         z = _logits_tile(
             H, W, B, rows, cols, row_ok, col_ok, D, stride_hm, stride_hk, stride_wv, stride_wk,
-            inv_t, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
+            inv_t, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         z = tl.where(col_ok[None, :], z, float("-inf"))
         t_i += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
@@ -120,16 +188,14 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def _grad_kernel(
     H,
     W,
     B,
     T,
     LSE,
     SCALE,
-    DH,
-    DW,
-    DB,
+    G,
     M,
     V,
     D,
@@ -137,107 +203,152 @@ def _bwd_kernel(
     stride_hk,
     stride_wv,
     stride_wk,
+    stride_gm,
     inv_t,
-    tiles_per_split,
     HAS_BIAS: tl.constexpr,
-    NEED_DH: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    NEED_DB: tl.constexpr,
     PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One ``[BLOCK_M, BLOCK_V]`` tile of ``g = (onehot - softmax) * scale`` (rows of a chunk)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < M
+    col_ok = cols < V
     tgt = tl.load(T + rows, mask=row_ok, other=-1)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     scale = tl.load(SCALE + rows, mask=row_ok, other=0.0)  # grad_out / T, 0 on ignored rows
-    tile0 = pid_s * tiles_per_split
-    tile1 = tl.minimum(tile0 + tiles_per_split, tl.cdiv(V, BLOCK_V))
-    for tile in range(tile0, tile1):
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        z = _logits_tile(
-            H, W, B, rows, cols, row_ok, col_ok, D, stride_hm, stride_hk, stride_wv, stride_wk,
-            inv_t, HAS_BIAS, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K,
-        )  # fmt: skip
-        p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
-        onehot = tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0)
-        g = (onehot - p) * scale[:, None]  # d loss / d (h @ W.T + b)
-        if NEED_DB:
-            tl.atomic_add(DB + cols, tl.sum(g, axis=0), mask=col_ok)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            if NEED_DH:
-                w = tl.load(
-                    W + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
-                    mask=col_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                dh = tl.dot(g, w, input_precision=PRECISION)
-                tl.atomic_add(
-                    DH + rows[:, None] * D + ks[None, :], dh, mask=row_ok[:, None] & k_ok[None, :]
-                )
-            if NEED_DW:
-                h = tl.load(
-                    H + rows[:, None] * stride_hm + ks[None, :] * stride_hk,
-                    mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                dw = tl.dot(tl.trans(g), h, input_precision=PRECISION)
-                tl.atomic_add(
-                    DW + cols[:, None] * D + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :]
-                )
+    z = _logits_tile(
+        H, W, B, rows, cols, row_ok, col_ok, D, stride_hm, stride_hk, stride_wv, stride_wk,
+        inv_t, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K,
+    )  # fmt: skip
+    p = tl.exp(z - lse[:, None])
+    g = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * scale[:, None]
+    dst = G + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+    tl.store(dst, g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
+# ---------------------------------------------------------------------------------------------
+# Host side: configs, dispatch, autograd.
+
+
+def arch_class(capability: tuple[int, int]) -> str:
+    """The config class of a CUDA compute capability: "sm90" for Hopper, else "sm80"."""
+    return "sm90" if capability[0] == 9 else "sm80"
+
+
+def row_bucket(rows: int) -> int:
+    """The BLOCK_M bucket for ``rows`` rows (16, 32 or 64)."""
+    return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
+
+
+def family(dtype: torch.dtype | str) -> str:
+    """The config family of an operand dtype: "fp32" or "16bit" (bf16/fp16)."""
+    return "fp32" if dtype in (torch.float32, "fp32") else "16bit"
+
+
+def reachable_configs() -> dict[tuple[str, str], tuple[KernelConfig, ...]]:
+    """Every config the dispatcher or the autotuner can launch, per (arch class, family)."""
+    return {
+        (arch, fam): tuple(c for b in ROW_BUCKETS for c in table[b])
+        for arch, families in CONFIGS.items()
+        for fam, table in families.items()
+    }
 
 
 @functools.lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _device_info(index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return arch_class((props.major, props.minor)), props.multi_processor_count
 
 
-def _config(
-    rows: int,
-    vocab: int,
-    dim: int,
-    device: torch.device,
-    block_v: int | None = None,
-    block_k: int | None = None,
-    splits: int | None = None,
-) -> dict:
-    """Block sizes and the vocabulary split (heuristics, no autotuning; overridable)."""
+def _autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+
+
+_TUNERS: dict[tuple[str, str, str, int], object] = {}
+
+
+def autotuned_choices() -> dict[str, str]:
+    """The config each autotuner picked so far (``LATENTR3_AUTOTUNE=1``), for the bench logs."""
+    return {"/".join(map(str, k)): str(getattr(t, "best_config", None)) for k, t in _TUNERS.items()}
+
+
+def _tuned(kernel_name: str, arch: str, fam: str, bucket: int):
+    """``triton.autotune`` over the bucket's configs (keyed on V, d and the tensors' dtypes)."""
+    key = (kernel_name, arch, fam, bucket)
+    if key in _TUNERS:
+        return _TUNERS[key]
+    kernel = {"fwd": _fwd_kernel, "grad": _grad_kernel}[kernel_name]
+    configs = [
+        triton.Config(
+            dict(BLOCK_M=c.block_m, BLOCK_V=c.block_v, BLOCK_K=c.block_k),
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in CONFIGS[arch][fam][bucket]
+    ]
+    _TUNERS[key] = triton.autotune(configs=configs, key=["V", "D"])(kernel)
+    return _TUNERS[key]
+
+
+class _Plan(NamedTuple):
+    kernel_args: dict  # constexpr/meta kwargs for a plain launch; {} when autotuned
+    block_m: int
+    block_v: int  # the smallest BLOCK_V the launch can use (sizes the vocabulary splits)
+    autotuned: bool
+    arch: str
+    fam: str
+    bucket: int
+    sms: int
+
+
+def _plan(rows: int, dim: int, dtype: torch.dtype, device: torch.device, overrides: dict) -> _Plan:
     if interpreting() or device.type != "cuda":
-        # The interpreter pays per op, not per element: few, large tiles, one split.
-        bm, bv, bk, warps = max(16, min(64, _pow2(rows))), 512, max(16, min(128, _pow2(dim))), 4
-        want = 1
+        bm = max(16, min(64, triton.next_power_of_2(max(1, rows))))
+        bk = max(16, min(128, triton.next_power_of_2(dim)))
+        cfg = KernelConfig(bm, _INTERPRET_BLOCK_V, bk, 4, 1)
+        arch, sms = "interpret", 1
     else:
-        bm = 16 if rows <= 16 else (32 if rows <= 32 else 64)
-        bv, bk, warps = 128, 64, 4
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-        want = None
-    bv, bk = block_v or bv, block_k or bk
-    m_blocks = triton.cdiv(rows, bm)
-    tiles = triton.cdiv(vocab, bv)
-    if splits is not None:
-        want = splits
-    elif want is None:  # ~4 waves of programs on the GPU
-        want = max(1, (4 * sms) // m_blocks)
-    tiles_per_split = triton.cdiv(tiles, max(1, min(tiles, want)))
-    n_splits = triton.cdiv(tiles, tiles_per_split)  # every split gets >= 1 tile
-    return dict(bm=bm, bv=bv, bk=bk, warps=warps, m_blocks=m_blocks, splits=n_splits,
-                tps=tiles_per_split)  # fmt: skip
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        arch, sms = _device_info(index)
+        cfg = CONFIGS[arch][family(dtype)][row_bucket(rows)][0]
+    bv = overrides.get("block_v") or cfg.block_v
+    bk = overrides.get("block_k") or cfg.block_k
+    tuned = arch != "interpret" and _autotune_enabled() and not any(overrides.values())
+    args = {} if tuned else dict(BLOCK_M=cfg.block_m, BLOCK_V=bv, BLOCK_K=bk,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    fam, bucket = family(dtype), row_bucket(rows)
+    if tuned:
+        bv = min(c.block_v for c in CONFIGS[arch][fam][bucket])
+    return _Plan(args, cfg.block_m, bv, tuned, arch, fam, bucket, sms)
 
 
-def _precision(*tensors: torch.Tensor) -> str:
-    # TF32 is exact for fp16/bf16 operands; fp32 operands need IEEE for 1e-5 accuracy.
-    return "ieee" if any(t.dtype == torch.float32 for t in tensors) else "tf32"
+def _num_splits(rows: int, vocab: int, plan: _Plan, splits: int | None) -> int:
+    tiles = triton.cdiv(vocab, plan.block_v)
+    if splits is None:
+        if plan.arch == "interpret":
+            return 1
+        splits = max(1, (4 * plan.sms) // triton.cdiv(rows, plan.block_m))  # ~4 waves
+    return max(1, min(tiles, int(splits)))
+
+
+def _launch(name: str, plan: _Plan, grid_rows: int, grid_cols, *args, **const) -> None:
+    if plan.autotuned:
+        kern = _tuned(name, plan.arch, plan.fam, plan.bucket)
+        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M"]), grid_cols(meta))  # noqa: E731
+        kern[grid](*args, **const)
+    else:
+        kern = {"fwd": _fwd_kernel, "grad": _grad_kernel}[name]
+        meta = plan.kernel_args
+        kern[(triton.cdiv(grid_rows, meta["BLOCK_M"]), grid_cols(meta))](*args, **const, **meta)
+
+
+# fp32 operands: IEEE dots (exact; TF32 would cost ~1e-3 relative). bf16/fp16 operands ignore
+# the setting and use their own tensor-core instructions.
+PRECISION = "ieee"
 
 
 class _TritonLinearLogprob(torch.autograd.Function):
@@ -245,19 +356,19 @@ class _TritonLinearLogprob(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, bias, ignore_index, temperature, overrides):
         rows, dim = hidden.shape
         vocab = weight.shape[0]
-        cfg = _config(rows, vocab, dim, hidden.device, **overrides)
+        plan = _plan(rows, dim, weight.dtype, hidden.device, overrides)
+        n_splits = _num_splits(rows, vocab, plan, overrides.get("splits"))
         inv_t = 1.0 / float(temperature)
+        h = hidden.to(weight.dtype)  # GEMM dtype = the head's; convert the small tensor only
         tgt = targets.to(torch.int64).contiguous()
-        parts = torch.empty(3, cfg["splits"], rows, dtype=torch.float32, device=hidden.device)
-        prec = _precision(hidden, weight)
-        _fwd_kernel[(cfg["m_blocks"], cfg["splits"])](
-            hidden, weight, bias if bias is not None else hidden, tgt,
-            parts[0], parts[1], parts[2],
-            rows, vocab, dim,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            inv_t, cfg["tps"],
-            HAS_BIAS=bias is not None, PRECISION=prec,
-            BLOCK_M=cfg["bm"], BLOCK_V=cfg["bv"], BLOCK_K=cfg["bk"], num_warps=cfg["warps"],
+        parts = torch.empty(3, n_splits, rows, dtype=torch.float32, device=hidden.device)
+        const = dict(HAS_BIAS=bias is not None, PRECISION=PRECISION,
+                     UPCAST=interpreting())  # fmt: skip
+        _launch(
+            "fwd", plan, rows, lambda meta: n_splits,
+            h, weight, bias if bias is not None else h, tgt, parts[0], parts[1], parts[2],
+            rows, vocab, dim, h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+            inv_t, n_splits, **const,
         )  # fmt: skip
         pmax, psum, ptgt = parts[0], parts[1], parts[2]
         gmax = pmax.max(dim=0).values
@@ -265,43 +376,88 @@ class _TritonLinearLogprob(torch.autograd.Function):
         valid = tgt != ignore_index
         logp = torch.where(valid, ptgt.sum(dim=0) - lse, torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, tgt, valid, bias, lse)
-        ctx.cfg, ctx.inv_t, ctx.prec = cfg, inv_t, prec
+        ctx.inv_t, ctx.overrides = inv_t, overrides
         return logp
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, tgt, valid, bias, lse = ctx.saved_tensors
-        cfg, inv_t = ctx.cfg, ctx.inv_t
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[3]
         if not (need_h or need_w or need_b):
             return None, None, None, None, None, None, None
-        rows, dim = hidden.shape
-        vocab = weight.shape[0]
-        scale = (torch.where(valid, grad_out.float(), torch.zeros_like(lse)) * inv_t).contiguous()
-        dh = torch.zeros(rows, dim, dtype=torch.float32, device=hidden.device) if need_h else None
-        dw = torch.zeros(vocab, dim, dtype=torch.float32, device=weight.device) if need_w else None
-        db = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
-        dummy = lse
-        _bwd_kernel[(cfg["m_blocks"], cfg["splits"])](
-            hidden, weight, bias if bias is not None else hidden, tgt, lse, scale,
-            dh if need_h else dummy, dw if need_w else dummy, db if need_b else dummy,
-            rows, vocab, dim,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            inv_t, cfg["tps"],
-            HAS_BIAS=bias is not None, NEED_DH=need_h, NEED_DW=need_w, NEED_DB=need_b,
-            PRECISION=ctx.prec,
-            BLOCK_M=cfg["bm"], BLOCK_V=cfg["bv"], BLOCK_K=cfg["bk"], num_warps=cfg["warps"],
+        dh, dw, db = grad_from_lse(
+            hidden, weight, tgt, valid, bias, lse, grad_out, ctx.inv_t,
+            need_h=need_h, need_w=need_w, need_b=need_b,
+            chunk_rows=ctx.overrides.get("chunk_rows"), overrides=ctx.overrides,
         )  # fmt: skip
-        return (
-            dh.to(hidden.dtype) if need_h else None,
-            dw.to(weight.dtype) if need_w else None,
-            None,
-            db.to(bias.dtype) if need_b else None,
-            None,
-            None,
-            None,
-        )
+        return dh, dw, None, db, None, None, None
+
+
+def grad_from_lse(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    inv_t: float,
+    *,
+    need_h: bool = True,
+    need_w: bool = False,
+    need_b: bool = False,
+    chunk_rows: int | None = None,
+    overrides: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``sum(grad_out * logp)`` from the forward's per-row log-sum-exp.
+
+    Args:
+        hidden ``[M, d]``, weight ``[V, d]``, targets ``[M]`` int64, valid ``[M]`` bool,
+        bias ``[V]`` or None, lse ``[M]`` fp32, grad_out ``[M]``.
+        chunk_rows: rows per chunk of the ``[chunk, V]`` gradient buffer (default: as many as
+            fit ``BWD_CHUNK_ELEMENTS``, a multiple of 64).
+
+    Returns:
+        ``(dH [M, d] in hidden.dtype, dW [V, d] in weight.dtype, db [V])``, None where not
+        needed. No atomics: the result is the same on every run.
+    """
+    overrides = overrides or {}
+    rows, dim = hidden.shape
+    vocab = weight.shape[0]
+    cdt = weight.dtype
+    h_all = hidden.to(cdt)
+    scale = (torch.where(valid, grad_out.float(), torch.zeros_like(lse)) * inv_t).contiguous()
+    if chunk_rows is None:
+        chunk_rows = max(64, (BWD_CHUNK_ELEMENTS // max(1, vocab)) // 64 * 64)
+    chunk = max(1, min(rows, int(chunk_rows)))
+    plan = _plan(chunk, dim, cdt, hidden.device, overrides)
+    buf = torch.empty(chunk, vocab, dtype=cdt, device=hidden.device)
+    dh = torch.empty(rows, dim, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    dw32 = torch.zeros(vocab, dim, dtype=torch.float32, device=weight.device) if need_w else None
+    db32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
+    const = dict(HAS_BIAS=bias is not None, PRECISION=PRECISION, UPCAST=interpreting())
+    for m0 in range(0, rows, chunk):
+        m1 = min(rows, m0 + chunk)
+        h = h_all[m0:m1]
+        g = buf[: m1 - m0]
+        _launch(
+            "grad", plan, m1 - m0,
+            lambda meta: triton.cdiv(vocab, meta["BLOCK_V"]),
+            h, weight, bias if bias is not None else h, targets[m0:m1], lse[m0:m1],
+            scale[m0:m1], g, m1 - m0, vocab, dim,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), g.stride(0), inv_t,
+            **const,
+        )  # fmt: skip
+        if need_h:
+            dh[m0:m1] = g @ weight  # cuBLAS/CPU GEMM in the compute dtype, fp32 accumulation
+        if need_w:
+            dw32 += (g.T @ h).float()
+        if need_b:
+            db32 += g.float().sum(dim=0)
+    dw = dw32.to(weight.dtype) if need_w else None
+    db = db32.to(bias.dtype) if need_b else None
+    return dh, dw, db
 
 
 def fused_linear_logprob_triton(
@@ -315,13 +471,15 @@ def fused_linear_logprob_triton(
     block_v: int | None = None,
     block_k: int | None = None,
     splits: int | None = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Triton implementation of ``latentr3_fast.ops.fused_linear_logprob``.
 
     Args:
         hidden: ``[M, d]``; weight: ``[V, d]``; targets: ``[M]`` int64; bias: optional ``[V]``.
         block_v, block_k, splits: override the tile sizes (powers of two >= 16) and the
-            number of vocabulary splits (tests and tuning).
+            number of vocabulary splits of the forward (tests and tuning).
+        chunk_rows: rows per chunk of the backward's ``[chunk, V]`` gradient buffer.
 
     Returns:
         ``[M]`` fp32 log-probs, 0 at ``ignore_index`` rows; differentiable wrt hidden/weight/bias.
@@ -331,5 +489,5 @@ def fused_linear_logprob_triton(
         return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
     return _TritonLinearLogprob.apply(
         hidden, weight, targets, bias, int(ignore_index), float(temperature),
-        dict(block_v=block_v, block_k=block_k, splits=splits),
+        dict(block_v=block_v, block_k=block_k, splits=splits, chunk_rows=chunk_rows),
     )  # fmt: skip

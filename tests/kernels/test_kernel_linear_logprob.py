@@ -132,3 +132,69 @@ def test_reward_from_hidden_through_triton(monkeypatch, device):
     flat = plain_logprob(hidden.reshape(-1, 16), weight, targets.reshape(-1)).view(4, 5)
     expect = torch.stack([-torch.exp(-flat[i, : lengths[i]].mean()) for i in range(4)])
     torch.testing.assert_close(got, expect.float(), **TOL32)
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 16])
+def test_backward_row_chunks_all_grads(chunk_rows, device):
+    """The backward's [chunk, V] gradient buffer over several row chunks (a ragged last one),
+    with the head and bias trainable (dW/db summed over chunks), against float64."""
+    h, w, t, b = make_problem(19, 1031, 24, bias=True, seed=chunk_rows, device=device)
+    t[5] = -100
+    params = (h, w, b)
+    for x in params:
+        x.requires_grad_()
+    got = _triton()(h, w, t, b, temperature=0.7, chunk_rows=chunk_rows)
+    ref_in = [x.detach().double().requires_grad_() for x in params]
+    ref = plain_logprob(*ref_in[:2], t, ref_in[2], temperature=0.7)
+    go = _go(19, device, seed=chunk_rows)
+    grads = torch.autograd.grad((got * go).sum(), params)
+    refs = torch.autograd.grad((ref * go.double()).sum(), ref_in)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g, r.float(), **TOL32)
+    assert grads[0][5].abs().sum() == 0
+
+
+def test_backward_is_deterministic(device):
+    """No atomics: two backward passes give bit-identical gradients (meaningful on a GPU)."""
+    h, w, t, b = make_problem(21, 1500, 32, bias=True, seed=4, device=device)
+    go = _go(21, device)
+
+    def grads():
+        xs = [x.detach().clone().requires_grad_() for x in (h, w, b)]
+        out = _triton()(xs[0], xs[1], t, xs[2], splits=3, block_v=256, chunk_rows=8)
+        return torch.autograd.grad((out * go).sum(), xs)
+
+    for a, c in zip(grads(), grads()):
+        assert torch.equal(a, c)
+
+
+def test_fp32_hidden_bf16_head_uses_head_dtype(device):
+    """Mixed dtypes: hidden is converted to the head's dtype (like the chunked torch path)."""
+    h, w, t, _ = make_problem(9, 700, 32, seed=8, device=device)
+    wb = w.to(torch.bfloat16)
+    hq = h.clone().requires_grad_()
+    got = _triton()(hq, wb, t)
+    ref = plain_logprob(h.to(torch.bfloat16), wb, t)
+    same = plain_logprob_same_precision(h.to(torch.bfloat16), wb, t).double()
+    assert (got.double() - ref).abs().max() <= 2 * (same - ref).abs().max() + 1e-6
+    (g,) = torch.autograd.grad(got.sum(), hq)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
+def test_config_tables_and_dispatch_choice():
+    """Configs: row buckets, one family per operand dtype, splits capped by the tile count."""
+    from latentr3_fast.kernels import linear_logprob as ll
+
+    assert [ll.row_bucket(r) for r in (1, 16, 17, 32, 33, 20000)] == [16, 16, 32, 32, 64, 64]
+    assert ll.family(torch.float32) == "fp32" and ll.family(torch.bfloat16) == "16bit"
+    assert ll.arch_class((9, 0)) == "sm90" and ll.arch_class((8, 0)) == "sm80"
+    assert ll.arch_class((8, 9)) == "sm80"
+    for (arch, fam), configs in ll.reachable_configs().items():
+        for bucket in ll.ROW_BUCKETS:
+            assert all(c.block_m == bucket for c in ll.CONFIGS[arch][fam][bucket])
+        for c in configs:  # powers of two, at least 16 (tl.dot's minimum)
+            for size in c[:3]:
+                assert size >= 16 and size & (size - 1) == 0
+    plan = ll._Plan({}, 64, 128, False, "sm90", "16bit", 64, 132)
+    assert ll._num_splits(2000, 151_936, plan, None) == max(1, 4 * 132 // 32)
+    assert ll._num_splits(64, 1000, plan, None) == 8  # capped: 1000 / 128 -> 8 tiles
