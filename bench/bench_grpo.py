@@ -299,6 +299,7 @@ def parse(argv=None):
     ap.add_argument("--no-check", action="store_true", help="skip the numerics check")
     ap.add_argument("--hit-ratio", action="store_true", help="time reward=hit vs ppl instead")
     ap.add_argument("--hit-beams", type=int, default=1, help="beams per row for reward=hit")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/...)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.dtype is None:
@@ -386,7 +387,7 @@ def main(argv=None) -> None:
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
-    path = out_dir / f"bench_grpo_{dev}_{args.preset}.json"
+    path = Path(args.out) if args.out else out_dir / f"bench_grpo_{dev}_{args.preset}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

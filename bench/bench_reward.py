@@ -61,14 +61,15 @@ def build(args):
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=4 * args.hidden,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        intermediate_size=args.inter or 4 * args.hidden,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = Qwen2ForCausalLM(cfg).to(device=args.device, dtype=dtype).eval()
+    with torch.device(args.device):  # initialise on the device (a 1.5B model on CPU is slow)
+        model = Qwen2ForCausalLM(cfg).to(dtype=dtype).eval()
     model.requires_grad_(False)
     with torch.no_grad():  # a peaked head, like a trained model
         model.lm_head.weight.normal_(0.0, 0.1)
@@ -169,6 +170,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (Qwen2.5-1.5B: 12)")
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--inter", type=int, default=0, help="MLP width (0: 4 x hidden)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--answer-len", type=int, default=32)
     ap.add_argument("--extra", type=int, default=1, help="continuous tokens per row (latents)")
