@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from latentr3_fast.ops._dispatch import interpreting
-from latentr3_fast.ops.expand import _default_seed, check_expand_args
+from ._checks import check_expand_args, default_seed, interpreting
 
 
 @triton.jit
@@ -135,7 +134,7 @@ def gaussian_expand_triton(
     else:
         noise = torch.empty(p, g - 1, d, dtype=torch.float32, device=r.device)
         if seed is None:
-            seed = _default_seed(r.device)
+            seed = default_seed(r.device)
     if n == 0 and not has_noise:
         # No latent step to perturb; still hand back the noise the step would have used.
         noise.normal_()

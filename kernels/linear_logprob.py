@@ -35,8 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from latentr3_fast.ops._dispatch import interpreting
-from latentr3_fast.ops.logprob import check_logprob_args
+from ._checks import check_logprob_args, interpreting
 
 # Elements of the backward's per-chunk gradient buffer: 2**27 (256 MiB in bf16). At V=151,936
 # that is ~880 rows per chunk, so the two GEMMs per chunk stay large.
@@ -377,10 +376,11 @@ class _TritonLinearLogprob(torch.autograd.Function):
         logp = torch.where(valid, ptgt.sum(dim=0) - lse, torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, tgt, valid, bias, lse)
         ctx.inv_t, ctx.overrides = inv_t, overrides
-        return logp
+        ctx.mark_non_differentiable(lse)
+        return logp, lse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse):
         hidden, weight, tgt, valid, bias, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[3]
@@ -472,7 +472,8 @@ def fused_linear_logprob_triton(
     block_k: int | None = None,
     splits: int | None = None,
     chunk_rows: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton implementation of ``latentr3_fast.ops.fused_linear_logprob``.
 
     Args:
@@ -480,14 +481,20 @@ def fused_linear_logprob_triton(
         block_v, block_k, splits: override the tile sizes (powers of two >= 16) and the
             number of vocabulary splits of the forward (tests and tuning).
         chunk_rows: rows per chunk of the backward's ``[chunk, V]`` gradient buffer.
+        return_lse: also return the per-row log-sum-exp of the (temperature-scaled) logits.
 
     Returns:
         ``[M]`` fp32 log-probs, 0 at ``ignore_index`` rows; differentiable wrt hidden/weight/bias.
+        With ``return_lse``: ``(logp, lse)``, ``lse`` ``[M]`` fp32 for every row (ignored rows
+        too), without gradient (entropy or z-loss terms can reuse it without a second pass).
     """
     check_logprob_args(hidden, weight, targets, bias, ignore_index, temperature)
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
-    return _TritonLinearLogprob.apply(
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        logp = empty + 0.0 * hidden.sum()
+        return (logp, empty) if return_lse else logp
+    logp, lse = _TritonLinearLogprob.apply(
         hidden, weight, targets, bias, int(ignore_index), float(temperature),
         dict(block_v=block_v, block_k=block_k, splits=splits, chunk_rows=chunk_rows),
     )  # fmt: skip
+    return (logp, lse) if return_lse else logp

@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..errors import ConfigError
+from ..kernels._checks import interpreting
 
 ENV_VAR = "LATENTR3_KERNELS"
 _CHOICES = ("auto", "triton", "torch")
@@ -28,11 +29,6 @@ def triton_available() -> bool:
     except Exception:  # ImportError, or a broken install raising anything at import
         return False
     return True
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def requested_backend() -> str:

@@ -10,46 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError
+from ..kernels._checks import check_expand_args
 from ._dispatch import select_backend
-
-
-def check_expand_args(
-    r: torch.Tensor,
-    num_generations: int,
-    sigma: float,
-    noise: torch.Tensor | None,
-    out: torch.Tensor | None,
-) -> None:
-    """Validate :func:`gaussian_expand` arguments; raise ConfigError naming the argument."""
-    if r.dim() != 3:
-        raise ConfigError(f"gaussian_expand: r must be [P, N, d], got {tuple(r.shape)}")
-    if not r.is_floating_point():
-        raise ConfigError(f"gaussian_expand: r must be floating point, got {r.dtype}")
-    if int(num_generations) < 1:
-        raise ConfigError(f"gaussian_expand: num_generations must be >= 1, got {num_generations}")
-    if not sigma >= 0:
-        raise ConfigError(f"gaussian_expand: sigma must be >= 0, got {sigma}")
-    p, _, d = r.shape
-    g = int(num_generations)
-    if noise is not None and tuple(noise.shape) != (p, g - 1, d):
-        raise ConfigError(
-            f"gaussian_expand: noise must be [P={p}, G-1={g - 1}, d={d}], got {tuple(noise.shape)}"
-        )
-    if out is not None:
-        want = (p * g, r.shape[1], d)
-        if tuple(out.shape) != want:
-            raise ConfigError(
-                f"gaussian_expand: out must be [P*G, N, d]={want} (e.g. a slice "
-                f"buf[:, :N] of the suffix-embedding buffer), got {tuple(out.shape)}"
-            )
-        if out.device != r.device:
-            raise ConfigError(f"gaussian_expand: out is on {out.device} but r is on {r.device}")
-
-
-def _default_seed(device: torch.device) -> int:
-    """A seed drawn from torch's default generator, so ``torch.manual_seed`` governs it."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def sample_noise_torch(

@@ -10,58 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..kernels._checks import check_logprob_args
 from ._dispatch import select_backend
 
 # Elements of one fp32 logits block of the torch path: 2**22 floats = 16 MiB. Large enough that
 # each chunk is one efficient GEMM, small enough that memory stays far below [M, V].
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 DEFAULT_CHUNK_ROWS = 1024
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_logprob_args(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    ignore_index: int,
-    temperature: float,
-) -> None:
-    """Validate the arguments of :func:`fused_linear_logprob`; raise ConfigError/DataError."""
-    if hidden.dim() != 2:
-        raise ConfigError(f"fused_linear_logprob: hidden must be [M, d], got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ConfigError(
-            f"fused_linear_logprob: weight must be [V, d={hidden.shape[1]}], "
-            f"got {tuple(weight.shape)}"
-        )
-    if targets.shape != (hidden.shape[0],):
-        raise ConfigError(
-            f"fused_linear_logprob: targets must be [M={hidden.shape[0]}], "
-            f"got {tuple(targets.shape)}"
-        )
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise ConfigError(f"fused_linear_logprob: targets must be int64, got {targets.dtype}")
-    if hidden.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES:
-        raise ConfigError(
-            f"fused_linear_logprob: hidden/weight dtype must be fp32/fp16/bf16, "
-            f"got {hidden.dtype}/{weight.dtype}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ConfigError(
-            f"fused_linear_logprob: bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}"
-        )
-    if not temperature > 0:
-        raise ConfigError(f"fused_linear_logprob: temperature must be > 0, got {temperature}")
-    vocab = weight.shape[0]
-    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
-    if targets.numel() and bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise DataError(
-            f"fused_linear_logprob: targets[{row}] = {int(targets[row])} is outside "
-            f"[0, {vocab}) and is not ignore_index={ignore_index}"
-        )
 
 
 def _chunk_sizes(rows: int, vocab: int, chunk_rows: int | None, chunk_vocab: int | None):
