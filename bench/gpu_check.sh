@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU run (one GPU, at most ~8 minutes; each step has its own time limit):
-#   0. install the package offline: pip install --no-build-isolation --no-deps -e .
-#      (needs torch, triton, transformers, pybind11, cmake; no network);
+#   0. install the package offline (bench/gpu_install.sh: pip install --no-build-isolation
+#      --no-deps --no-index -e ., else an in-place build; needs torch, triton, transformers,
+#      pybind11, cmake; no network);
 #   1. the kernel + ops tests on real CUDA (TRITON_INTERPRET=0, real Triton kernels);
 #   2. fused log-prob fwd / fwd+bwd / fwd+bwd+dW at Qwen2.5-1.5B head sizes (d=1536,
 #      V=151,936, M = 1k..16k rows, bf16): Triton vs the chunked torch path vs a Liger-style
@@ -17,6 +18,9 @@
 #   bench/gpu_check.sh --dry-run  # the same steps, tiny shapes, CPU + Triton interpreter, no
 #                                 # install (CI runs this, so no GPU minute is lost to a typo)
 set -uo pipefail
+# The whole script is one function, parsed before it runs: editing this file during a run
+# cannot change the running steps.
+main() {
 cd "$(dirname "$0")/.."
 DRY=0
 for arg in "$@"; do
@@ -60,12 +64,7 @@ step() {
 if [ "$DRY" -eq 1 ]; then
     export TRITON_INTERPRET=1 OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
     DEV=cpu
-    step install 60 python -c "import torch, triton, transformers, latentr3_fast; \
-import importlib.util as u; import shutil, sys; \
-missing = [m for m in ('pybind11',) if u.find_spec(m) is None] + \
-([] if shutil.which('cmake') or u.find_spec('cmake') else ['cmake']); \
-print('dry run: not installing; would run: pip install --no-build-isolation --no-deps -e .'); \
-print('build prerequisites missing here (the GPU machine needs them):', missing or 'none')"
+    step install 60 bash bench/gpu_install.sh --check
     # A subset here (the full directories run in CI's own pytest run anyway).
     step tests 300 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernel_linear_logprob.py \
         tests/ops/test_ops_logprob.py -k "vocab_splits or deterministic or row_chunks" \
@@ -93,9 +92,11 @@ else
     export TRITON_INTERPRET=0
     DEV=cuda
     # Limits sum to 445 s (+10 s kill grace each): the whole run stays under 8 minutes.
-    step install 75 python -m pip install --no-build-isolation --no-deps --no-index -e .
+    step install 75 bash bench/gpu_install.sh
+    # (the CPU-only code-generation check and the dry run itself are not GPU work)
     step tests 80 python -m pytest -q -p no:cacheprovider tests/kernels tests/ops \
-        --deselect tests/kernels/test_kernel_codegen.py --junitxml="$OUT_DIR/tests.xml"
+        --deselect tests/kernels/test_kernel_codegen.py \
+        --deselect tests/kernels/test_gpu_check_dry_run.py --junitxml="$OUT_DIR/tests.xml"
     step logprob 85 python bench/bench_logprob.py --reps 3 --out "$OUT_DIR/bench_logprob.json"
     step logprob_autotune 35 env LATENTR3_AUTOTUNE=1 python bench/bench_logprob.py --reps 3 \
         --rows 1024,16384 --modes fwd,fwd+bwd --variants triton \
@@ -151,3 +152,6 @@ print(f"gpu_check: {'PASSED' if summary['passed'] else 'FAILED'} "
       f"({info['total_seconds']} s; summary in {out}/gpu_check.md)")
 sys.exit(0 if summary["passed"] else 1)
 PY
+}
+main "$@"
+exit $?
