@@ -229,3 +229,21 @@ def test_kernels_do_not_import_ops():
                 assert "ops" not in mod.split("."), (path.name, mod)
             elif isinstance(node, ast.Import):
                 assert not any(".ops" in a.name for a in node.names), path.name
+
+
+def test_autotuner_lists_exactly_the_table(monkeypatch):
+    """LATENTR3_AUTOTUNE=1 on a GPU: one autotuner per (kernel, arch, family, row bucket) whose
+    configs are exactly the checked table entries (so every tuned choice passed the codegen
+    test); keyed on V and d. Building it needs no GPU; running it does."""
+    from latentr3_fast.kernels import linear_logprob as ll
+
+    for arch, fam, bucket in [("sm80", "16bit", 64), ("sm90", "16bit", 16), ("sm90", "fp32", 32)]:
+        tuner = ll._tuned("grad", arch, fam, bucket)
+        assert ll._tuned("grad", arch, fam, bucket) is tuner  # built once
+        got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_K"], c.num_warps,
+                c.num_stages) for c in tuner.configs]  # fmt: skip
+        assert got == [tuple(c) for c in ll.CONFIGS[arch][fam][bucket]]
+        assert list(tuner.keys) == ["V", "D"]
+    monkeypatch.setenv(ll.AUTOTUNE_ENV, "1")
+    cpu = torch.device("cpu")
+    assert not ll._plan(40, 64, torch.bfloat16, cpu, {}).autotuned  # never off a GPU
