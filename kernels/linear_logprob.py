@@ -11,7 +11,7 @@ Backward, deterministic and without atomics: rows are processed in chunks; for e
 (every program owns its tile: plain stores). Then ``dH = g @ W`` and, only when the head trains,
 ``dW += g.T @ H`` and ``db += sum(g)`` are ordinary GEMMs/reductions (the approach of Liger-
 Kernel's fused linear cross-entropy). Memory is bounded by the chunk buffer
-(``BWD_CHUNK_ELEMENTS``), never ``[M, V]``; results do not depend on launch order.
+(``BWD_CHUNK_ELEMENTS``), not by M; results do not depend on launch order.
 
 Precision: bf16/fp16 operands go into ``tl.dot`` in their own dtype (tensor cores at full
 rate) with fp32 accumulation; fp32 operands use IEEE dots (exact path). ``hidden`` is converted
@@ -19,7 +19,7 @@ to ``weight.dtype`` on the host (the small tensor, never the ``[V, d]`` head), l
 torch path. Only under ``TRITON_INTERPRET=1`` are loads converted to fp32 (``UPCAST``), because
 the interpreter computes bf16 wrongly; a GPU never does that conversion. Softmax math is fp32.
 
-Configs: ``CONFIGS[arch][bucket]`` lists the (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages) that the
+Configs: ``CONFIGS[arch][family][bucket]`` lists the (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages) that the
 dispatcher can pick; the first entry is the default, the others are searched only with
 ``LATENTR3_AUTOTUNE=1`` (``triton.autotune``, keyed on V, d and dtype). Every entry is compiled
 for sm_80/sm_90 by ``tests/kernels/test_kernel_codegen.py`` (tensor-core type, zero spills).
