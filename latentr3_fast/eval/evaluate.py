@@ -69,6 +69,7 @@ def evaluate(
     max_new_tokens: int = 128,
     predictions_path: str | Path | None = None,
     progress: bool = True,
+    stop_rule: str = "reference",
 ) -> EvalResult:
     """Evaluates ``reasoner`` on ``dataset.split(split)``.
 
@@ -84,6 +85,8 @@ def evaluate(
             ``metrics["ks_beyond_returned"]``).
         top_fraction: share of items that are "popular" (by train-target frequency).
         predictions_path: if given, per-row predictions are written there as JSON lines.
+        stop_rule: beam stopping rule: ``"reference"`` (HF ``generate``'s default, what the
+            reference evaluation ran) or ``"exact"`` (see ``decode.beam_search``).
     Returns:
         EvalResult.
     """
@@ -104,6 +107,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         predictions_paths=paths,
         progress=progress,
+        stop_rule=stop_rule,
     )[0]
 
 
@@ -124,6 +128,7 @@ def evaluate_scorings(
     max_new_tokens: int = 128,
     predictions_paths: Sequence[str | Path] | None = None,
     progress: bool = True,
+    stop_rule: str = "reference",
 ) -> list[EvalResult]:
     """:func:`evaluate` under several length penalties (one EvalResult each, same order).
 
@@ -194,6 +199,7 @@ def evaluate_scorings(
                     backend=backend,
                     max_new_tokens=max_new_tokens,
                     length_penalties=lps,
+                    stop_rule=stop_rule,
                 )
             for j, res in enumerate(results):
                 _record_rows(preds[j], res, idx, samples, titles)
