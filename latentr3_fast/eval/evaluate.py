@@ -81,8 +81,9 @@ def evaluate(
         rank: ``"beam"`` (SPEC protocol) or ``"exact"`` (whole catalogue, any K is exact).
         max_samples: evaluate only the first rows of the split.
         batch_size: prompts per decoding batch (rows are grouped by prompt length).
-        ks: metric cut-offs; with beam search K > num_beams cannot be reached (reported in
-            ``metrics["ks_beyond_returned"]``).
+        ks: metric cut-offs. A K larger than the number of ranked items per row
+            (``num_beams`` with beam search) is not reported (HR@20 with 10 beams would only
+            repeat HR@10); those K are listed in ``metrics["ks_beyond_returned"]``.
         top_fraction: share of items that are "popular" (by train-target frequency).
         predictions_path: if given, per-row predictions are written there as JSON lines.
         stop_rule: beam stopping rule: ``"reference"`` (HF ``generate``'s default, what the
@@ -215,7 +216,9 @@ def evaluate_scorings(
     for j, lp in enumerate(lps):
         rows: list[dict[str, Any]] = [p for p in preds[j] if p is not None]
         ranks = [p["rank"] for p in rows]
-        groups = group_metrics(ranks, [p["target_id"] for p in rows], is_pop, ks)
+        # K beyond the ranked list would silently equal the largest reachable K: omit it
+        ks_ok = tuple(k for k in ks if k <= n_return)
+        groups = group_metrics(ranks, [p["target_id"] for p in rows], is_pop, ks_ok)
         metrics: dict[str, Any] = dict(groups["all"])
         metrics["groups"] = {"popular": groups["popular"], "unpopular": groups["unpopular"]}
         metrics["out_of_catalogue"] = out_of_catalogue_count(
