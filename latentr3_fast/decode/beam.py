@@ -171,8 +171,10 @@ def _token_logprobs(
     shared: bool = False,
     impl: str = "auto",
     max_elems: int = 1 << 24,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """log_softmax(hidden @ W^T + b)[row, tokens[row, j]] -> [R, W] fp32 (-inf at tokens < 0).
+    """log_softmax(scale * (hidden @ W^T + b))[row, tokens[row, j]] -> [R, W] fp32 (-inf at
+    tokens < 0). ``scale``: the backbone's final-logit scale (``reasoner.logit_scale``).
 
     ``impl="fused"``: the ``[R, V]`` logits are never materialized; the normalizer comes from
     the fused LM-head log-prob op (``ops.fused_linear_logprob``) at one anchor token per row
@@ -191,6 +193,8 @@ def _token_logprobs(
         step = max(1, max_elems // max(v, 1))
         for a in range(0, r, step):
             logits = F.linear(hidden[a : a + step], weight, bias).float()
+            if scale != 1.0:
+                logits = logits * scale
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             out[a : a + step] = logits.gather(1, safe[a : a + step]) - lse
         return out.masked_fill_(tokens < 0, _NEG_INF)
@@ -198,7 +202,9 @@ def _token_logprobs(
         raise ConfigError(f"impl={impl!r}: expected 'auto', 'dense' or 'fused'")
     from latentr3_fast.ops import fused_linear_logprob
 
-    anchor_lp = fused_linear_logprob(hidden, weight, safe[:, 0].contiguous(), bias)
+    anchor_lp = fused_linear_logprob(
+        hidden, weight, safe[:, 0].contiguous(), bias, temperature=1.0 / scale
+    )
     h32 = hidden.float()
     if shared:
         cols = safe[0]
@@ -214,6 +220,8 @@ def _token_logprobs(
             if bias is not None:
                 blk = blk + bias[safe[a : a + step]].float()
             logit[a : a + step] = blk
+    if scale != 1.0:
+        logit = logit * scale
     lse = logit[:, :1] - anchor_lp.unsqueeze(1)
     return (logit - lse).masked_fill_(tokens < 0, _NEG_INF)
 
@@ -285,6 +293,7 @@ def beam_search(
     device = prompt_ids.device
     allowed = _Allowed(trie, resolve_backend(backend, device), device)
     weight, bias = reasoner.lm_head_weight, reasoner.lm_head_bias
+    scale = float(getattr(reasoner, "logit_scale", 1.0))
     b, k = prompt_ids.shape[0], num_beams
     lp = float(length_penalty)
     max_len = min(int(max_new_tokens), trie.max_depth)
@@ -318,7 +327,8 @@ def beam_search(
         width = tok.shape[1]
         if width == 0:
             break
-        logp = _token_logprobs(h, weight, bias, tok, shared=t == 0).view(b, nb, width)
+        logp = _token_logprobs(h, weight, bias, tok, shared=t == 0, scale=scale)
+        logp = logp.view(b, nb, width)
         cand = (base.unsqueeze(-1) + logp).view(b, nb * width)
         n_top = min(2 * k, nb * width)
         top_score, top_idx = torch.topk(cand, n_top, dim=1)  # sorted, best first
@@ -514,6 +524,7 @@ def exact_rank_scorings(
     counts = np.diff(co)
     depths = csr["depths"]
     weight, bias = reasoner.lm_head_weight, reasoner.lm_head_bias
+    scale = float(getattr(reasoner, "logit_scale", 1.0))
     b = prompt_ids.shape[0]
     # edge log-prob of every node given its parent; summed along paths at the end
     node_logp = torch.zeros((b, trie.num_nodes), device=device)
@@ -532,7 +543,7 @@ def exact_rank_scorings(
         ct = child_tokens_t[edge]
         cn = child_nodes_t[edge]
         tok = torch.where(valid, ct, -1).repeat(b, 1)
-        logp = _token_logprobs(h, weight, bias, tok, shared=len(parent_nodes) == 1)
+        logp = _token_logprobs(h, weight, bias, tok, shared=len(parent_nodes) == 1, scale=scale)
         logp = logp.view(b, len(parent_nodes), width)
         node_logp[:, cn[valid]] = logp[:, valid]
 

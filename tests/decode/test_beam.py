@@ -245,6 +245,12 @@ def test_token_logprobs_dense_and_fused_agree(shared, with_bias):
     for impl in ("dense", "fused"):
         got = _token_logprobs(h, weight, bias, tok, shared=shared, impl=impl, max_elems=3000)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a backbone's final-logit scale (Cohere / Granite) multiplies the logits
+    ref = torch.log_softmax(0.37 * (h @ weight.T + (0 if bias is None else bias)), -1)
+    want = ref.gather(1, tok.clamp(min=0)).masked_fill(tok < 0, float("-inf"))
+    for impl in ("dense", "fused"):
+        got = _token_logprobs(h, weight, bias, tok, shared=shared, impl=impl, scale=0.37)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="impl"):
         _token_logprobs(h, weight, bias, tok, impl="sparse")
 
@@ -393,3 +399,51 @@ def test_beam_search_sliding_window_matches_hf_generate(tiny_setup, batch_of, lp
     ref = hf_generate(setup, batch, 4, lp)
     ours = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=lp)
     _assert_same_as_hf(ours, ref, trie, lp)
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_logit_scaled_backbone_beam_and_exact_rank(tiny_setup, batch_of, lp):
+    """A Cohere backbone multiplies its logits by logit_scale: beam search must return what
+    HF generate returns on it (generate uses the model's own logits), and exact ranking the
+    teacher-forced sums of the model's own log-probs."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    from latentr3_fast.model import LatentReasoner
+
+    tok, trie = tiny_setup["tok"], tiny_setup["trie"]
+    cfg = CohereConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        logit_scale=3.0,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LatentReasoner(CohereForCausalLM(cfg), tok, num_latent=1).eval()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    assert model.logit_scale == 3.0
+    batch = batch_of([0, 3, 5])
+    ref = hf_generate(dict(tiny_setup, model=model), batch, 4, lp)
+    ours = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=lp)
+    _assert_same_as_hf(ours, ref, trie, lp)
+    with torch.no_grad():
+        hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+        latents = model.latents(hidden, batch.prompt_mask, cache)
+        ex = exact_rank(model, batch.prompt_ids, batch.prompt_mask, trie, latents=latents)
+        seqs = ex.sequences(trie)
+        want = _teacher_forced_sums(model, batch, latents, seqs[0][:6])
+    for b in range(len(batch)):
+        by_seq = {tuple(q): v for q, v in zip(seqs[b], ex.sum_logp[b].tolist())}
+        got = torch.tensor([by_seq[tuple(q)] for q in seqs[0][:6]])
+        torch.testing.assert_close(got, want[b], atol=2e-4, rtol=1e-5)
