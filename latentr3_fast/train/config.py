@@ -240,6 +240,11 @@ class RunConfig:
             raise ConfigError("--estimator score needs --sigma > 0 (the latent policy's density)")
         if self.estimator == "score" and self.beta != 0.0:
             raise ConfigError("--beta is defined on target log-probs: use --estimator reparam")
+        if self.estimator == "score" and self.num_latent > 1:
+            raise ConfigError(
+                f"--estimator score supports --num-latent 1 only (got {self.num_latent}): "
+                "the Gaussian policy covers the first latent, not the later ones"
+            )
         if self.beta != 0.0 and self.trainable == "latent":
             raise ConfigError(
                 "--beta must be 0 when only LatentRATT trains (--trainable latent): the "
