@@ -240,6 +240,10 @@ class RunConfig:
             raise ConfigError("--estimator score needs --sigma > 0 (the latent policy's density)")
         if self.estimator == "score" and self.beta != 0.0:
             raise ConfigError("--beta is defined on target log-probs: use --estimator reparam")
+        if self.optim == "adamw_8bit":
+            from .common import check_bitsandbytes
+
+            check_bitsandbytes("--optim adamw_8bit")
         if self.estimator == "score" and self.num_latent > 1:
             raise ConfigError(
                 f"--estimator score supports --num-latent 1 only (got {self.num_latent}): "
