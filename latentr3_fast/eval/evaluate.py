@@ -216,16 +216,20 @@ def evaluate_scorings(
     for j, lp in enumerate(lps):
         rows: list[dict[str, Any]] = [p for p in preds[j] if p is not None]
         ranks = [p["rank"] for p in rows]
-        # K beyond the ranked list would silently equal the largest reachable K: omit it
-        ks_ok = tuple(k for k in ks if k <= n_return)
+        # K beyond the ranked list would silently equal the largest reachable K: omit it.
+        # Beam search ranks num_beams per row; exact/grounded ranking at most the catalogue
+        n_ranked = n_return
+        if rank != "beam" and rows:
+            n_ranked = min(n_return, max(len(p["pred_titles"]) for p in rows))
+        ks_ok = tuple(k for k in ks if k <= n_ranked)
         groups = group_metrics(ranks, [p["target_id"] for p in rows], is_pop, ks_ok)
         metrics: dict[str, Any] = dict(groups["all"])
         metrics["groups"] = {"popular": groups["popular"], "unpopular": groups["unpopular"]}
         metrics["out_of_catalogue"] = out_of_catalogue_count(
             (p["pred_titles"] for p in rows), titles
         )
-        metrics["num_returned"] = n_return
-        metrics["ks_beyond_returned"] = [k for k in ks if k > n_return]
+        metrics["num_returned"] = n_ranked
+        metrics["ks_beyond_returned"] = [k for k in ks if k > n_ranked]
         metrics.update(
             split=split,
             rank=rank,

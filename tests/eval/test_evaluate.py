@@ -113,6 +113,32 @@ def test_exact_evaluate_ranks_whole_catalogue(tiny_eval):
         np.testing.assert_allclose(r_ex["scores"][:5], r_b["scores"][:5], rtol=1e-6, atol=1e-5)
 
 
+def test_exact_ranking_reports_no_k_beyond_the_catalogue(tiny_eval):
+    """Exact ranking lists the whole catalogue: a K above its number of distinct titles
+    cannot be reached and is not reported (it would repeat the largest reachable K)."""
+    ds, model = tiny_eval
+    n_titles = len(set(ds.items.titles))
+    ks = (1, 5, n_titles, n_titles + 1, 10 * n_titles)
+    res = evaluate(
+        model,
+        ds,
+        "valid",
+        rank="exact",
+        max_samples=4,
+        batch_size=4,
+        ks=ks,
+        prompt_builder=short_pb(model, ds),
+        progress=False,
+    )
+    m = res.metrics
+    assert m["num_returned"] == n_titles
+    assert m["ks_beyond_returned"] == [n_titles + 1, 10 * n_titles]
+    assert f"HR@{n_titles}" in m and f"HR@{n_titles + 1}" not in m
+    assert m[f"HR@{n_titles}"] == 1.0  # every target is somewhere in the whole catalogue
+    want = metrics_from_ranks([r["rank"] for r in res.predictions], ks=ks[:3])
+    assert {k: m[k] for k in want} == pytest.approx(want)
+
+
 def test_trie_is_cached_per_catalogue(tiny_eval):
     ds, model = tiny_eval
     pb = short_pb(model, ds)
