@@ -191,6 +191,14 @@ class RunConfig:
         default_factory=lambda: [1.0, 0.0],
         metadata={"help": "one or more: 1.0 = BIGRec scoring, 0.0 = D3 scoring"},
     )
+    beam_stop: str = field(
+        default="reference",
+        metadata={
+            "help": "beam stopping rule: reference (HF generate's default early_stopping=False, "
+            "what the reference evaluation ran) | exact (early_stopping='never': never prunes "
+            "a hypothesis that could still win; differs only with length penalty > 0)"
+        },
+    )
     rank: str = field(
         default="beam",
         metadata={"help": "beam | exact (full-catalogue teacher-forced) | ground (BIGRec L2)"},
@@ -207,6 +215,7 @@ class RunConfig:
             "estimator": ("reparam", "score"),
             "optim": ("adamw", "adamw_8bit"),
             "rank": ("beam", "exact", "ground"),
+            "beam_stop": ("reference", "exact"),
             "reward": ("ppl", "hit"),
             "trainable": ("latent", "all"),
             "dtype": ("auto", "fp32", "bf16", "fp16"),

@@ -188,3 +188,37 @@ def test_evaluate_scorings_equals_one_evaluate_per_penalty(tiny_eval, tmp_path, 
         assert both[0].predictions != both[1].predictions
     with pytest.raises(ConfigError, match="predictions_paths"):
         evaluate_scorings(model, ds, [0.0, 1.0], predictions_paths=paths[:1], **kw)
+
+
+@pytest.mark.parametrize("flag", [None, "exact"])
+def test_cli_beam_stop_reaches_the_beam_search(tiny_eval, tmp_path, monkeypatch, flag):
+    """``--beam-stop`` (default: reference) is parsed, validated and handed by the pipeline's
+    evaluation to every beam search it runs."""
+    import importlib
+
+    from latentr3_fast.train.config import load_config
+    from latentr3_fast.train.pipeline import evaluate_models
+
+    ds, model = tiny_eval
+    argv = ["--num-beams", "3", "--length-penalty", "1.0", "--max-eval-samples", "2"]
+    cfg, _ = load_config(argv + ([] if flag is None else ["--beam-stop", flag]))
+    assert cfg.beam_stop == (flag or "reference")
+    rec = importlib.import_module("latentr3_fast.decode.recommend")  # the module, not the fn
+    seen = []
+    real = rec.beam_search
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["stop_rule"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "beam_search", spy)
+    records = evaluate_models(cfg, ds, {"sft": model}, tmp_path)
+    assert seen and set(seen) == {flag or "reference"}
+    assert records[0]["ks_beyond_returned"] == [5, 10, 20] and "HR@20" not in records[0]
+
+
+def test_cli_rejects_an_unknown_beam_stop():
+    from latentr3_fast.train.config import load_config
+
+    with pytest.raises(ConfigError, match="--beam-stop: 'never' is not one of reference, exact"):
+        load_config(["--beam-stop", "never"])[0].validate()
