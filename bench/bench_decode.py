@@ -6,8 +6,10 @@
   5,000-item catalogue. Tiny Qwen2 backbone (hidden 64, 2 layers), random weights.
 * Ours: ``beam_search`` (prompt + latent once, KV expanded to the beams, C++/device trie,
   gathered log-probs). Reference: ``generate(num_beams=K, num_return_sequences=K,
-  early_stopping="never", prefix_allowed_tokens_fn=<Python dict trie>)`` with the latent in
-  the thought slot via ``inputs_embeds``. Both must return the same ranked lists.
+  early_stopping=..., prefix_allowed_tokens_fn=<Python dict trie>)`` with the latent in
+  the thought slot via ``inputs_embeds``; ``--stop-rule reference`` (default) pairs ours with
+  HF's default ``early_stopping=False``, ``--stop-rule exact`` with ``"never"``. Both must
+  return the same ranked lists.
 * Also: trie time per step as a fraction of the step time, and per-user latency with
   num_latent=1 vs num_latent=0 on the same backbone and catalogue.
 """
@@ -67,9 +69,12 @@ class DictTrie:
         return list(node) or [fallback]
 
 
-def hf_reference(model, batch, dict_trie, eos, num_beams, lp, max_new, with_latent=True):
+def hf_reference(
+    model, batch, dict_trie, eos, num_beams, lp, max_new, with_latent=True, early_stopping=False
+):
     """HF generate + prefix_allowed_tokens_fn over the dict trie, with the latent in the thought
     slot via inputs_embeds (without it when ``with_latent`` is False). Per row [(tokens, score)].
+    ``early_stopping``: HF's flag; False (its default, the reference's) or ``"never"``.
     """
     with torch.no_grad():
         emb, mask = model.embed(batch.prompt_ids), batch.prompt_mask
@@ -84,7 +89,7 @@ def hf_reference(model, batch, dict_trie, eos, num_beams, lp, max_new, with_late
             num_beams=num_beams,
             num_return_sequences=num_beams,
             length_penalty=lp,
-            early_stopping="never",
+            early_stopping=early_stopping,
             prefix_allowed_tokens_fn=lambda _b, ids: dict_trie.allowed(ids.tolist(), eos),
             max_new_tokens=max_new,
             do_sample=False,
@@ -117,6 +122,7 @@ def main() -> None:
     ap.add_argument("--latency-users", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--stop-rule", choices=["reference", "exact"], default="reference")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -148,7 +154,8 @@ def main() -> None:
 
     # ours (warm-up on the first batch), with the trie time per step measured by a wrapper
     b0 = batches[0]
-    beam_search(model, b0.prompt_ids, b0.prompt_mask, trie, args.beams, length_penalty=args.lp)
+    kw = dict(length_penalty=args.lp, stop_rule=args.stop_rule)
+    beam_search(model, b0.prompt_ids, b0.prompt_mask, trie, args.beams, **kw)
     trie_time = [0.0, 0]
     orig_block = beam_mod._Allowed.block
 
@@ -166,11 +173,7 @@ def main() -> None:
     beam_mod._Allowed.block = timed_block
     try:
         for b in batches:
-            ours.append(
-                beam_search(
-                    model, b.prompt_ids, b.prompt_mask, trie, args.beams, length_penalty=args.lp
-                )
-            )
+            ours.append(beam_search(model, b.prompt_ids, b.prompt_mask, trie, args.beams, **kw))
         if dev.type == "cuda":
             torch.cuda.synchronize()
     finally:
@@ -187,8 +190,11 @@ def main() -> None:
         eos = tok.eos_token_id
         dict_trie = DictTrie(pb.target_ids(t) for t in ds.items.titles)
         t0 = time.perf_counter()
+        hf_stop = False if args.stop_rule == "reference" else "never"
         ref = [
-            hf_reference(model, b, dict_trie, eos, args.beams, args.lp, trie.max_depth)
+            hf_reference(
+                model, b, dict_trie, eos, args.beams, args.lp, trie.max_depth, True, hf_stop
+            )
             for b in batches
         ]
         t_hf = time.perf_counter() - t0

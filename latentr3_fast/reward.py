@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
+from .model.logits import final_logit_scale
 from .ops import (
     fused_linear_logprob,
     grpo_advantage,
@@ -40,13 +41,6 @@ from .ops import (
 __all__ = ["PerplexityReward", "grpo_advantage", "make_trl_reward", "plain_logprobs"]
 
 _REWARDS = ("neg_ppl", "mean_logprob")
-
-
-def _text_config(model: nn.Module):
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        return config.get_text_config(decoder=True)
-    return config
 
 
 def _resolve_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -82,37 +76,13 @@ def _resolve_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def _logit_temperature(model: nn.Module, temperature: float) -> float:
     """Fold the model's own final-logit scaling into the softmax temperature, or reject it.
 
-    ``logits * s`` (Cohere ``logit_scale``) is temperature ``T / s``; ``logits / s`` (Granite
-    ``logits_scaling``) is ``T * s``. A tanh soft-cap (Gemma 2/3) is not a linear map and the
-    fused head does not implement it, so those models are rejected.
+    ``logits * s`` (Cohere ``logit_scale``; Granite ``logits_scaling`` is ``s = 1 / value``)
+    is temperature ``T / s``. A tanh soft-cap (Gemma 2/3) is not a linear map and the fused
+    head does not implement it, so those models are rejected (``final_logit_scale``).
     """
-    config = _text_config(model)
     if not temperature > 0:
         raise ConfigError(f"PerplexityReward: temperature must be > 0, got {temperature}")
-    t = float(temperature)
-    if config is None:
-        return t
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        raise ConfigError(
-            f"PerplexityReward: {type(model).__name__} uses final_logit_softcapping={cap} "
-            "(tanh soft-cap), which the fused log-prob head does not implement"
-        )
-    scale = getattr(model, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        if scale <= 0:
-            raise ConfigError(f"PerplexityReward: logit_scale={scale} must be > 0")
-        t = t / float(scale)
-    elif isinstance(scale, torch.Tensor):
-        raise ConfigError("PerplexityReward: a learned (tensor) logit_scale is not supported")
-    div = getattr(config, "logits_scaling", None)
-    if isinstance(div, (int, float)) and div != 1:
-        if div <= 0:
-            raise ConfigError(f"PerplexityReward: logits_scaling={div} must be > 0")
-        t = t * float(div)
-    return t
+    return float(temperature) / final_logit_scale(model, "PerplexityReward")
 
 
 def _cache_kwarg(decoder: nn.Module) -> str:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from .beam import BeamResult, beam_search, exact_rank, exact_rank_scorings, resolve_backend
+from .beam import (
+    STOP_RULES,
+    BeamResult,
+    beam_search,
+    exact_rank,
+    exact_rank_scorings,
+    resolve_backend,
+)
 from .recommend import catalogue_trie, recommend
 from .trie import DeviceTrie, ItemTrie
 
 __all__ = [
+    "STOP_RULES",
     "BeamResult",
     "DeviceTrie",
     "ItemTrie",

@@ -12,8 +12,15 @@ Beam search (per batch of prompts):
    as Hugging Face ``generate`` does: finished candidates among the first ``num_beams`` enter
    the finished pool with score ``sum(logp) / len ** length_penalty`` (len = new tokens incl.
    EOS), the best ``num_beams`` unfinished ones continue. No Python loop over beams.
-4. It stops when no beam is alive or when no live beam can still enter the top
-   ``num_beams`` finished (an exact bound, so the result equals running to the end).
+4. A prompt closes once its best live beam cannot enter its top ``num_beams`` finished under
+   the stopping rule; a closed prompt accepts no new finished hypotheses, and the search ends
+   when every prompt is closed or no beam is alive. ``stop_rule="reference"`` (default) is
+   what the reference evaluation ran, HF ``generate``'s default ``early_stopping=False``: the
+   best live score is divided by the CURRENT length ** length_penalty. With
+   ``length_penalty > 0`` that is a heuristic (a longer hypothesis may still have scored
+   higher). ``stop_rule="exact"`` (HF's ``early_stopping="never"``) divides by the maximum
+   length instead, a true bound: the result equals running every beam to the end. At
+   ``length_penalty == 0`` both rules are the same.
 
 ``backend="host"`` asks the C++ trie for the allowed block (one host round trip per step);
 ``backend="device"`` uses :class:`DeviceTrie` tensors (no host round trip). Both feed the same
@@ -38,9 +45,18 @@ from latentr3_fast.errors import ConfigError
 
 from .trie import DeviceTrie, ItemTrie
 
-__all__ = ["BeamResult", "beam_search", "exact_rank", "exact_rank_scorings", "resolve_backend"]
+__all__ = [
+    "STOP_RULES",
+    "BeamResult",
+    "beam_search",
+    "exact_rank",
+    "exact_rank_scorings",
+    "resolve_backend",
+]
 
 _NEG_INF = float("-inf")
+# "reference" = HF generate's default early_stopping=False; "exact" = early_stopping="never"
+STOP_RULES = ("reference", "exact")
 
 
 @dataclass
@@ -155,8 +171,10 @@ def _token_logprobs(
     shared: bool = False,
     impl: str = "auto",
     max_elems: int = 1 << 24,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """log_softmax(hidden @ W^T + b)[row, tokens[row, j]] -> [R, W] fp32 (-inf at tokens < 0).
+    """log_softmax(scale * (hidden @ W^T + b))[row, tokens[row, j]] -> [R, W] fp32 (-inf at
+    tokens < 0). ``scale``: the backbone's final-logit scale (``reasoner.logit_scale``).
 
     ``impl="fused"``: the ``[R, V]`` logits are never materialized; the normalizer comes from
     the fused LM-head log-prob op (``ops.fused_linear_logprob``) at one anchor token per row
@@ -175,6 +193,8 @@ def _token_logprobs(
         step = max(1, max_elems // max(v, 1))
         for a in range(0, r, step):
             logits = F.linear(hidden[a : a + step], weight, bias).float()
+            if scale != 1.0:
+                logits = logits * scale
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             out[a : a + step] = logits.gather(1, safe[a : a + step]) - lse
         return out.masked_fill_(tokens < 0, _NEG_INF)
@@ -182,7 +202,9 @@ def _token_logprobs(
         raise ConfigError(f"impl={impl!r}: expected 'auto', 'dense' or 'fused'")
     from latentr3_fast.ops import fused_linear_logprob
 
-    anchor_lp = fused_linear_logprob(hidden, weight, safe[:, 0].contiguous(), bias)
+    anchor_lp = fused_linear_logprob(
+        hidden, weight, safe[:, 0].contiguous(), bias, temperature=1.0 / scale
+    )
     h32 = hidden.float()
     if shared:
         cols = safe[0]
@@ -198,6 +220,8 @@ def _token_logprobs(
             if bias is not None:
                 blk = blk + bias[safe[a : a + step]].float()
             logit[a : a + step] = blk
+    if scale != 1.0:
+        logit = logit * scale
     lse = logit[:, :1] - anchor_lp.unsqueeze(1)
     return (logit - lse).masked_fill_(tokens < 0, _NEG_INF)
 
@@ -230,6 +254,7 @@ def beam_search(
     eos_token_id: int | None = None,
     backend: str = "auto",
     latents: torch.Tensor | None = None,
+    stop_rule: str = "reference",
 ) -> BeamResult:
     """Constrained beam search over the catalogue trie.
 
@@ -246,9 +271,16 @@ def beam_search(
             reaching a trie leaf also finishes.
         backend: ``auto`` | ``host`` (C++ trie) | ``device`` (DeviceTrie).
         latents: ``[B, N, d]`` to use instead of ``reasoner.latents`` (e.g. N = 0).
+        stop_rule: ``"reference"`` (HF ``generate``'s default ``early_stopping=False``: the
+            bound on a live beam uses the current length; what the reference evaluation
+            ran) or ``"exact"`` (HF ``early_stopping="never"``: the bound uses the maximum
+            length, so the result equals an unpruned search). They differ only when
+            ``length_penalty > 0``; see the module docstring.
     Returns:
         BeamResult with ``[B, num_return]`` tensors, best first.
     """
+    if stop_rule not in STOP_RULES:
+        raise ConfigError(f"stop_rule={stop_rule!r}: expected one of {STOP_RULES}")
     if num_beams < 1:
         raise ConfigError(f"num_beams={num_beams}: must be >= 1")
     num_return = num_beams if num_return is None else int(num_return)
@@ -261,6 +293,7 @@ def beam_search(
     device = prompt_ids.device
     allowed = _Allowed(trie, resolve_backend(backend, device), device)
     weight, bias = reasoner.lm_head_weight, reasoner.lm_head_bias
+    scale = float(getattr(reasoner, "logit_scale", 1.0))
     b, k = prompt_ids.shape[0], num_beams
     lp = float(length_penalty)
     max_len = min(int(max_new_tokens), trie.max_depth)
@@ -276,6 +309,9 @@ def beam_search(
     fin_sum = torch.full((b, k), _NEG_INF, device=device)
     fin_state = torch.full((b, k), -1, dtype=torch.long, device=device)
     fin_len = torch.zeros((b, k), dtype=torch.long, device=device)
+    # per prompt: can a live beam still enter the finished top K? (HF's sticky
+    # "is_early_stop_heuristic_unsatisfied"; a closed prompt takes no new finished hypotheses)
+    open_ = torch.ones((b, 1), dtype=torch.bool, device=device)
 
     steps = 0
     for t in range(max_len):
@@ -291,7 +327,8 @@ def beam_search(
         width = tok.shape[1]
         if width == 0:
             break
-        logp = _token_logprobs(h, weight, bias, tok, shared=t == 0).view(b, nb, width)
+        logp = _token_logprobs(h, weight, bias, tok, shared=t == 0, scale=scale)
+        logp = logp.view(b, nb, width)
         cand = (base.unsqueeze(-1) + logp).view(b, nb * width)
         n_top = min(2 * k, nb * width)
         top_score, top_idx = torch.topk(cand, n_top, dim=1)  # sorted, best first
@@ -303,7 +340,7 @@ def beam_search(
 
         # finished: only among the first K candidates (as generate does)
         rank_ok = torch.arange(n_top, device=device).unsqueeze(0) < k
-        new_fin = done & rank_ok
+        new_fin = done & rank_ok & open_
         length = t + 1
         norm = float(length) ** lp
         cand_fin_score = torch.where(new_fin, top_score / norm, _NEG_INF)
@@ -330,14 +367,21 @@ def beam_search(
         run_tok = torch.where(alive, top_tok.gather(1, sel), 0)
         parent = top_beam.gather(1, sel)
 
-        # stop when nothing lives or no live beam can still make the finished top K
+        # close the prompts whose live beams cannot make the finished top K; stop when all
+        # are closed (worst_fin is -inf until K hypotheses have finished)
         if t + 1 >= max_len:
             break
         best_run = run_score[:, 0]
-        denom = float(max_len) ** lp if lp > 0 else float(length + 1) ** lp
+        if stop_rule == "reference":
+            denom = float(length) ** lp  # the current length: HF's heuristic
+        elif lp > 0:
+            denom = float(max_len) ** lp  # scores only fall, the divisor grows at most to this
+        else:
+            denom = float(length + 1) ** lp  # every later hypothesis is at least this long
         worst_fin = fin_score[:, -1]
         can_improve = torch.isfinite(best_run) & (best_run / denom > worst_fin)
-        if not bool(can_improve.any()):
+        open_ = open_ & can_improve.unsqueeze(1)
+        if not bool(open_.any()):
             break
 
         # advance the model one token on the surviving beams
@@ -367,9 +411,13 @@ def beam_search(
 def _reorder_suffix(cache: Any, rows: torch.Tensor, shared_len: int) -> None:
     """``cache.reorder_cache(rows)`` for a within-prompt beam permutation, copying only the
     positions after ``shared_len`` (the prompt + latent part is the same in every beam of a
-    prompt, so it is invariant). Falls back to the full reorder for unknown cache layouts."""
+    prompt, so it is invariant). Only plain full-attention layers (``DynamicLayer``) keep
+    position ``i`` at index ``i``: a sliding-window layer drops its oldest keys once the
+    window is full, so its first ``shared_len`` slots then hold beam-specific tokens and a
+    suffix-only copy would leave another beam's history there. Any other layout (sliding
+    window, unknown) gets the full reorder."""
     layers = getattr(cache, "layers", None)
-    if not layers or not all(hasattr(x, "keys") and hasattr(x, "values") for x in layers):
+    if not layers or any(type(x).__name__ != "DynamicLayer" for x in layers):
         cache.reorder_cache(rows)
         return
     for layer in layers:
@@ -476,6 +524,7 @@ def exact_rank_scorings(
     counts = np.diff(co)
     depths = csr["depths"]
     weight, bias = reasoner.lm_head_weight, reasoner.lm_head_bias
+    scale = float(getattr(reasoner, "logit_scale", 1.0))
     b = prompt_ids.shape[0]
     # edge log-prob of every node given its parent; summed along paths at the end
     node_logp = torch.zeros((b, trie.num_nodes), device=device)
@@ -494,7 +543,7 @@ def exact_rank_scorings(
         ct = child_tokens_t[edge]
         cn = child_nodes_t[edge]
         tok = torch.where(valid, ct, -1).repeat(b, 1)
-        logp = _token_logprobs(h, weight, bias, tok, shared=len(parent_nodes) == 1)
+        logp = _token_logprobs(h, weight, bias, tok, shared=len(parent_nodes) == 1, scale=scale)
         logp = logp.view(b, len(parent_nodes), width)
         node_logp[:, cn[valid]] = logp[:, valid]
 

@@ -61,6 +61,7 @@ def rank_batch(
     backend: str = "auto",
     max_new_tokens: int = 128,
     length_penalties: Sequence[float] | None = None,
+    stop_rule: str = "reference",
 ) -> BeamResult | list[BeamResult]:
     """Ranks the catalogue for a batch of EncodedSamples (prompt ids; targets unused).
 
@@ -77,7 +78,12 @@ def rank_batch(
                 reasoner, batch.prompt_ids, batch.prompt_mask, trie, length_penalties, top_k=k
             )
         kw = dict(
-            k=k, num_beams=num_beams, rank=rank, backend=backend, max_new_tokens=max_new_tokens
+            k=k,
+            num_beams=num_beams,
+            rank=rank,
+            backend=backend,
+            max_new_tokens=max_new_tokens,
+            stop_rule=stop_rule,
         )
         return [
             rank_batch(reasoner, encoded, trie, length_penalty=lp, **kw) for lp in length_penalties
@@ -93,6 +99,7 @@ def rank_batch(
             length_penalty=length_penalty,
             max_new_tokens=max_new_tokens,
             backend=backend,
+            stop_rule=stop_rule,
         )
     if rank == "exact":
         return exact_rank(
@@ -115,6 +122,7 @@ def recommend(
     batch_size: int = 16,
     prompt_builder: Any = None,
     backend: str = "auto",
+    stop_rule: str = "reference",
 ) -> list[list[dict[str, Any]]]:
     """Top-k catalogue items per user from raw history titles (or item ids).
 
@@ -127,6 +135,7 @@ def recommend(
         category: the category word/name used in the prompt.
         length_penalty: 0.0 (D3) or 1.0 (BIGRec).
         rank: ``"beam"`` or ``"exact"`` (full-catalogue scoring).
+        stop_rule: beam stopping rule, ``"reference"`` or ``"exact"`` (see ``beam_search``).
     Returns:
         per user a list of ``{"item_ids": [...], "title": str, "score": float}``, best first
         (one entry per distinct title; items sharing a title are listed together).
@@ -168,6 +177,7 @@ def recommend(
             length_penalty=length_penalty,
             rank=rank,
             backend=backend,
+            stop_rule=stop_rule,
         )
         scores = res.scores.float().cpu().tolist()
         for row in range(len(encoded)):

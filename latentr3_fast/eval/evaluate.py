@@ -69,6 +69,7 @@ def evaluate(
     max_new_tokens: int = 128,
     predictions_path: str | Path | None = None,
     progress: bool = True,
+    stop_rule: str = "reference",
 ) -> EvalResult:
     """Evaluates ``reasoner`` on ``dataset.split(split)``.
 
@@ -80,10 +81,13 @@ def evaluate(
         rank: ``"beam"`` (SPEC protocol) or ``"exact"`` (whole catalogue, any K is exact).
         max_samples: evaluate only the first rows of the split.
         batch_size: prompts per decoding batch (rows are grouped by prompt length).
-        ks: metric cut-offs; with beam search K > num_beams cannot be reached (reported in
-            ``metrics["ks_beyond_returned"]``).
+        ks: metric cut-offs. A K larger than the number of ranked items per row
+            (``num_beams`` with beam search) is not reported (HR@20 with 10 beams would only
+            repeat HR@10); those K are listed in ``metrics["ks_beyond_returned"]``.
         top_fraction: share of items that are "popular" (by train-target frequency).
         predictions_path: if given, per-row predictions are written there as JSON lines.
+        stop_rule: beam stopping rule: ``"reference"`` (HF ``generate``'s default, what the
+            reference evaluation ran) or ``"exact"`` (see ``decode.beam_search``).
     Returns:
         EvalResult.
     """
@@ -104,6 +108,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         predictions_paths=paths,
         progress=progress,
+        stop_rule=stop_rule,
     )[0]
 
 
@@ -124,6 +129,7 @@ def evaluate_scorings(
     max_new_tokens: int = 128,
     predictions_paths: Sequence[str | Path] | None = None,
     progress: bool = True,
+    stop_rule: str = "reference",
 ) -> list[EvalResult]:
     """:func:`evaluate` under several length penalties (one EvalResult each, same order).
 
@@ -194,6 +200,7 @@ def evaluate_scorings(
                     backend=backend,
                     max_new_tokens=max_new_tokens,
                     length_penalties=lps,
+                    stop_rule=stop_rule,
                 )
             for j, res in enumerate(results):
                 _record_rows(preds[j], res, idx, samples, titles)
@@ -209,14 +216,20 @@ def evaluate_scorings(
     for j, lp in enumerate(lps):
         rows: list[dict[str, Any]] = [p for p in preds[j] if p is not None]
         ranks = [p["rank"] for p in rows]
-        groups = group_metrics(ranks, [p["target_id"] for p in rows], is_pop, ks)
+        # K beyond the ranked list would silently equal the largest reachable K: omit it.
+        # Beam search ranks num_beams per row; exact/grounded ranking at most the catalogue
+        n_ranked = n_return
+        if rank != "beam" and rows:
+            n_ranked = min(n_return, max(len(p["pred_titles"]) for p in rows))
+        ks_ok = tuple(k for k in ks if k <= n_ranked)
+        groups = group_metrics(ranks, [p["target_id"] for p in rows], is_pop, ks_ok)
         metrics: dict[str, Any] = dict(groups["all"])
         metrics["groups"] = {"popular": groups["popular"], "unpopular": groups["unpopular"]}
         metrics["out_of_catalogue"] = out_of_catalogue_count(
             (p["pred_titles"] for p in rows), titles
         )
-        metrics["num_returned"] = n_return
-        metrics["ks_beyond_returned"] = [k for k in ks if k > n_return]
+        metrics["num_returned"] = n_ranked
+        metrics["ks_beyond_returned"] = [k for k in ks if k > n_ranked]
         metrics.update(
             split=split,
             rank=rank,

@@ -1,7 +1,9 @@
 """Top-K metrics as in SPEC section 6 (pure functions over ranks and titles).
 
-* A prediction hits if its title equals the target's after stripping spaces, newlines and
-  quotes at both ends; the rank is the 0-based position of the first hit (None: no hit).
+* A prediction hits if its title equals the target's after :func:`normalize_title` (the
+  reference's rule, the one title-matching rule of the package); the rank is the 0-based
+  position of the first hit (None, ``inf`` or a negative rank: no hit, the reference's
+  "rank = infinity").
 * HR@K = mean over ALL rows of [rank < K]; NDCG@K = mean of [rank < K] / log2(rank + 2).
 * Popularity groups: items ranked by train-target frequency; the top ``top_fraction`` of
   items are "popular", the rest "unpopular"; test rows are grouped by their target item.
@@ -29,12 +31,14 @@ __all__ = [
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
-_STRIP = " \t\r\n\"'"
 
 
 def normalize_title(title: str) -> str:
-    """Title for matching: spaces, newlines and quotes removed at both ends."""
-    return title.strip(_STRIP)
+    """Title for matching, the reference's rule: strip spaces and newlines, then double
+    quotes, then spaces (at both ends; nothing else). ``'"Blue Train"\n'`` and ``"Blue Train"``
+    both give ``"Blue Train"``; apostrophes (``"'70s Gold"``, ``"Smokin'"``), tabs and inner
+    characters are kept. Used by the metrics and by the exact-match GRPO reward."""
+    return title.strip(" \n").strip('"').strip(" ")
 
 
 def first_hit_rank(predicted_titles: Sequence[str], target_title: str) -> int | None:
@@ -54,29 +58,38 @@ def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     return ks
 
 
-def _rank_array(ranks: Iterable[int | None]) -> np.ndarray:
-    """Ranks as float64 with +inf for a miss."""
+def _rank_array(ranks: Iterable[int | float | None]) -> np.ndarray:
+    """Ranks as float64 with +inf for a miss (None, +-inf or a negative rank)."""
     out = []
     for i, r in enumerate(ranks):
         if r is None:
             out.append(math.inf)
-        elif isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
-            raise DataError(f"ranks[{i}]: expected a 0-based int rank or None, got {r!r}")
-        else:
-            out.append(float(r))
+            continue
+        ok_type = isinstance(r, (int, np.integer)) or (
+            isinstance(r, (float, np.floating)) and (math.isinf(r) or float(r).is_integer())
+        )
+        if isinstance(r, bool) or not ok_type:
+            raise DataError(
+                f"ranks[{i}]: expected a 0-based int rank, or None/inf/a negative rank for a "
+                f"miss, got {r!r}"
+            )
+        out.append(math.inf if r < 0 or math.isinf(r) else float(r))
     return np.asarray(out, dtype=np.float64)
 
 
 def metrics_from_ranks(
-    ranks: Iterable[int | None], ks: Iterable[int] = DEFAULT_KS
+    ranks: Iterable[int | float | None], ks: Iterable[int] = DEFAULT_KS
 ) -> dict[str, float]:
     """HR@K and NDCG@K over all rows.
 
     Args:
-        ranks: per row the 0-based rank of the first hit, or None for a miss.
+        ranks: per row the 0-based rank of the first hit; a miss is None, ``inf`` or any
+            negative rank (the reference's "no hit = rank infinity"). NaN or a fractional
+            rank is an error.
         ks: cut-offs.
     Returns:
-        ``{"HR@K": ..., "NDCG@K": ..., "n": rows}`` (values NaN when there are no rows).
+        ``{"HR@K": ..., "NDCG@K": ..., "n": rows}``; with no rows every value is 0.0 (never
+        NaN) and ``n`` is 0, so an empty group reads as "no hits among 0 rows".
     """
     ks = _check_ks(ks)
     r = _rank_array(ranks)
@@ -84,7 +97,7 @@ def metrics_from_ranks(
     for k in ks:
         hit = r < k
         if len(r) == 0:
-            out[f"HR@{k}"] = out[f"NDCG@{k}"] = math.nan
+            out[f"HR@{k}"] = out[f"NDCG@{k}"] = 0.0
             continue
         gain = np.where(hit, 1.0 / np.log2(np.where(hit, r, 0.0) + 2.0), 0.0)
         out[f"HR@{k}"] = float(hit.mean())

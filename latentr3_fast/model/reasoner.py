@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from ..errors import ConfigError, LatentR3Error
+from .logits import final_logit_scale
 from .ratt import LatentRATT, last_index, token_positions
 
 try:  # the data layer owns the literal; fall back while it is being written
@@ -174,6 +175,11 @@ class LatentReasoner(nn.Module):
             r = final-norm hidden state of the last position).
         ratt: an existing LatentRATT (else a fresh one in ratt mode).
         ratt_heads, rope_base: LatentRATT shape when a fresh one is built.
+
+    The backbone's final-logit scaling (Cohere ``logit_scale``, Granite ``logits_scaling``)
+    is applied wherever the reasoner scores tokens (loss, reward, beam search, exact
+    ranking) as ``logit_scale`` (logits = logit_scale * (h W^T + b)); a backbone with tanh
+    logit soft-capping (Gemma 2/3 ``final_logit_softcapping``) raises ConfigError.
     """
 
     def __init__(
@@ -191,6 +197,8 @@ class LatentReasoner(nn.Module):
             raise ConfigError(f"latent_mode={latent_mode!r}: expected one of {LATENT_MODES}")
         if not isinstance(num_latent, int) or num_latent < 0:
             raise ConfigError(f"num_latent={num_latent!r}: expected an int >= 0")
+        # before anything else: a backbone the fused head would score wrongly is rejected
+        self.logit_scale = final_logit_scale(backbone, "LatentReasoner")
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.num_latent = num_latent
@@ -469,7 +477,8 @@ class LatentReasoner(nn.Module):
             hidden: ``[B, T, d]`` from ``suffix_forward``.
             target_ids: ``[B, T]``.
             target_mask: ``[B, T]`` 1 = real target token.
-            temperature: logits are divided by it.
+            temperature: logits are divided by it (after the backbone's own
+                ``logit_scale``).
         Returns:
             logp: ``[B, T]`` float32, 0 where ``target_mask`` is 0.
         """
@@ -483,7 +492,7 @@ class LatentReasoner(nn.Module):
             targets.reshape(b * t),
             bias=self.lm_head_bias,
             ignore_index=-100,
-            temperature=temperature,
+            temperature=temperature / self.logit_scale,
         )
         return logp.view(b, t)
 

@@ -51,6 +51,7 @@ __all__ = [
     "atomic_dir",
     "build_optimizer",
     "build_scheduler",
+    "check_bitsandbytes",
     "checkpoint_dirs",
     "clip_grad_norm",
     "get_rng_state",
@@ -126,6 +127,18 @@ def _param_groups(params: nn.Module | Iterable[Any], weight_decay: float) -> lis
     return groups
 
 
+def check_bitsandbytes(what: str) -> None:
+    """ConfigError naming ``what`` when bitsandbytes (the ``[bnb]`` extra) is not installed;
+    looks the package up without importing it."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            f"{what} needs bitsandbytes, which is not installed: "
+            "pip install 'latentr3_fast[bnb]' (or use adamw)"
+        )
+
+
 def build_optimizer(
     params: nn.Module | Iterable[Any],
     optim: str = "adamw",
@@ -150,12 +163,13 @@ def build_optimizer(
     flat = [p for g in groups for p in g["params"]]
     on_cuda = all(p.is_cuda for p in flat)
     if optim == "adamw_8bit":
+        check_bitsandbytes("optim='adamw_8bit'")
         if not on_cuda:
             raise ConfigError(
                 "optim='adamw_8bit' needs CUDA parameters (bitsandbytes 8-bit AdamW); "
                 "use optim='adamw' on CPU"
             )
-        try:
+        try:  # imported only here: bitsandbytes is an optional extra
             import bitsandbytes as bnb
         except Exception as e:  # ImportError or a broken CUDA setup
             raise ConfigError(f"optim='adamw_8bit': bitsandbytes is unusable ({e})") from e

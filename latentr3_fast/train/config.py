@@ -191,6 +191,14 @@ class RunConfig:
         default_factory=lambda: [1.0, 0.0],
         metadata={"help": "one or more: 1.0 = BIGRec scoring, 0.0 = D3 scoring"},
     )
+    beam_stop: str = field(
+        default="reference",
+        metadata={
+            "help": "beam stopping rule: reference (HF generate's default early_stopping=False, "
+            "what the reference evaluation ran) | exact (early_stopping='never': never prunes "
+            "a hypothesis that could still win; differs only with length penalty > 0)"
+        },
+    )
     rank: str = field(
         default="beam",
         metadata={"help": "beam | exact (full-catalogue teacher-forced) | ground (BIGRec L2)"},
@@ -207,6 +215,7 @@ class RunConfig:
             "estimator": ("reparam", "score"),
             "optim": ("adamw", "adamw_8bit"),
             "rank": ("beam", "exact", "ground"),
+            "beam_stop": ("reference", "exact"),
             "reward": ("ppl", "hit"),
             "trainable": ("latent", "all"),
             "dtype": ("auto", "fp32", "bf16", "fp16"),
@@ -240,6 +249,15 @@ class RunConfig:
             raise ConfigError("--estimator score needs --sigma > 0 (the latent policy's density)")
         if self.estimator == "score" and self.beta != 0.0:
             raise ConfigError("--beta is defined on target log-probs: use --estimator reparam")
+        if self.optim == "adamw_8bit":
+            from .common import check_bitsandbytes
+
+            check_bitsandbytes("--optim adamw_8bit")
+        if self.estimator == "score" and self.num_latent > 1:
+            raise ConfigError(
+                f"--estimator score supports --num-latent 1 only (got {self.num_latent}): "
+                "the Gaussian policy covers the first latent, not the later ones"
+            )
         if self.beta != 0.0 and self.trainable == "latent":
             raise ConfigError(
                 "--beta must be 0 when only LatentRATT trains (--trainable latent): the "

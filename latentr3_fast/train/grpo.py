@@ -406,6 +406,13 @@ class GRPOTrainer:
                 "GRPO needs at least one latent step (model.num_latent >= 1): the noise is "
                 "added to the latent, and 'w/o reasoning' has none"
             )
+        if config.estimator == "score" and getattr(model, "num_latent", 1) > 1:
+            # the Gaussian policy is on r_1 only; r_2..r_N depend on the parameters
+            # deterministically, and their gradient is not in a score-function loss
+            raise ConfigError(
+                f"GRPOConfig.estimator='score' supports one latent step, the model has "
+                f"num_latent={model.num_latent}: use estimator='reparam' (the reference)"
+            )
         tok = getattr(model, "tokenizer", None)
         if pad_id is None and tok is not None:
             pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -290,6 +290,7 @@ def evaluate_models(
             split="test",
             num_beams=cfg.num_beams,
             rank=cfg.rank,
+            stop_rule=cfg.beam_stop,
             max_samples=cfg.max_eval_samples,
             batch_size=cfg.eval_batch_size,
             prompt_builder=prompt_builder(cfg, model, dataset),

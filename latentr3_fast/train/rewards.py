@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..eval.metrics import normalize_title  # the one title-matching rule (the reference's)
 
 __all__ = [
     "Rollout",
@@ -121,11 +122,6 @@ class RolloutPerplexityReward:
             raise ConfigError("RolloutPerplexityReward needs rollout.target_logp (suffix forward)")
         mask = rollout.target_mask.repeat_interleave(rollout.num_generations, dim=0)
         return RewardResult(rewards=ppl_reward(rollout.target_logp.float(), mask).float())
-
-
-def normalize_title(text: str) -> str:
-    """Title as SPEC 6 compares them: spaces, newlines and quotes stripped from both ends."""
-    return text.strip(' \n"\t\r')
 
 
 def exact_title_match(

@@ -43,10 +43,12 @@ def test_each_stage_alone_then_eval_writes_every_output(staged_run):
         assert len(preds) == 8 == rec["n"]
         assert all(len(p["pred_titles"]) <= 2 for p in preds)  # --num-beams 2
         ranks = [p["rank"] for p in preds]
-        hr = sum(r is not None and r < 10 for r in ranks) / len(ranks)
-        ndcg = sum(1 / math.log2(r + 2) for r in ranks if r is not None and r < 10) / len(ranks)
-        assert math.isclose(rec["HR@10"], hr, abs_tol=1e-9), rec
-        assert math.isclose(rec["NDCG@10"], ndcg, abs_tol=1e-9), rec
+        hr = sum(r is not None and r < 1 for r in ranks) / len(ranks)
+        ndcg = sum(1 / math.log2(r + 2) for r in ranks if r is not None and r < 1) / len(ranks)
+        assert math.isclose(rec["HR@1"], hr, abs_tol=1e-9), rec
+        assert math.isclose(rec["NDCG@1"], ndcg, abs_tol=1e-9), rec
+        # 2 beams rank 2 items: K = 3..20 cannot be reached and are not reported
+        assert rec["ks_beyond_returned"] == [3, 5, 10, 20] and "HR@10" not in rec, rec
         for p in preds:  # a hit's rank points at the target's title
             if p["rank"] is not None:
                 assert p["pred_titles"][p["rank"]] == p["target_title"]

@@ -11,13 +11,30 @@ from latentr3_fast.decode import beam_search, exact_rank, resolve_backend
 from latentr3_fast.errors import ConfigError
 
 
-def hf_generate(setup, batch, num_beams, lp, with_latent=True):
-    """Reference: bench_decode's HF generate over a Python dict trie (loaded by conftest)."""
+def hf_generate(setup, batch, num_beams, lp, with_latent=True, early_stopping=False):
+    """Reference: bench_decode's HF generate over a Python dict trie (loaded by conftest).
+    ``early_stopping=False`` is HF's default (the reference evaluation's)."""
     from bench_decode import hf_reference
 
     m, eos = setup["model"], setup["tok"].eos_token_id
     max_new = setup["trie"].max_depth
-    return hf_reference(m, batch, setup["dict"], eos, num_beams, lp, max_new, with_latent)
+    return hf_reference(
+        m, batch, setup["dict"], eos, num_beams, lp, max_new, with_latent, early_stopping
+    )
+
+
+def _assert_same_as_hf(ours, ref, trie, lp):
+    seqs = ours.sequences(trie)
+    for b, hyps in enumerate(ref):
+        n = len(hyps)
+        assert n == int(torch.isfinite(ours.scores[b]).sum())
+        assert [h[0] for h in hyps] == seqs[b][:n]
+        want = torch.tensor([h[1] for h in hyps])
+        torch.testing.assert_close(ours.scores[b, :n], want, atol=1e-5, rtol=1e-6)
+        # scores follow SPEC: sum(logp) / len ** lp, len counts new tokens incl. EOS
+        lens = torch.tensor([len(h[0]) for h in hyps])
+        assert ours.lengths[b, :n].tolist() == lens.tolist()
+        torch.testing.assert_close(ours.sum_logp[b, :n] / lens.float() ** lp, ours.scores[b, :n])
 
 
 @pytest.mark.parametrize(
@@ -41,17 +58,72 @@ def test_parity_with_hf_generate(tiny_setup, batch_of, rows, num_beams, lp, with
     ours = beam_search(
         m, batch.prompt_ids, batch.prompt_mask, trie, num_beams, length_penalty=lp, latents=latents
     )
-    seqs = ours.sequences(trie)
-    for b, hyps in enumerate(ref):
-        n = len(hyps)
-        assert n == int(torch.isfinite(ours.scores[b]).sum())
-        assert [h[0] for h in hyps] == seqs[b][:n]
-        want = torch.tensor([h[1] for h in hyps])
-        torch.testing.assert_close(ours.scores[b, :n], want, atol=1e-5, rtol=1e-6)
-        # scores follow SPEC: sum(logp) / len ** lp, len counts new tokens incl. EOS
-        lens = torch.tensor([len(h[0]) for h in hyps])
-        assert ours.lengths[b, :n].tolist() == lens.tolist()
-        torch.testing.assert_close(ours.sum_logp[b, :n] / lens.float() ** lp, ours.scores[b, :n])
+    _assert_same_as_hf(ours, ref, trie, lp)
+
+
+@pytest.fixture(scope="module")
+def mixed_length_setup(tiny_setup):
+    """A sharp backbone (weights N(0, 0.3^2), one per generator seed) over a catalogue mixing
+    one-word, normal and three-title-long titles: with length_penalty 1 the short titles
+    finish first, and HF's default stopping (current-length bound) can close a prompt before
+    a long title that scores higher per token has finished, so the two stopping rules give
+    different top lists. (On the plain synthetic catalogue and a random-init model they never
+    differed; the seeds below are ones where they do.)"""
+    from bench_decode import DictTrie  # loaded by conftest
+
+    from latentr3_fast.data import ItemCatalog
+    from latentr3_fast.decode import ItemTrie
+    from latentr3_fast.model import tiny_qwen2
+
+    tok, pb = tiny_setup["tok"], tiny_setup["pb"]
+    titles = list(tiny_setup["ds"].items.titles)
+    long_titles = [" ".join(titles[i : i + 3]) for i in range(0, 24, 3)]
+    cat = ItemCatalog(titles + long_titles + [t.split()[0] for t in titles[:10]])
+    trie = ItemTrie.from_catalog(cat, pb)
+    dict_trie = DictTrie(pb.target_ids(t) for t in cat.titles)
+    built = {}
+
+    def setup(seed: int) -> dict:
+        if seed not in built:
+            model = tiny_qwen2(tok, hidden_size=32, seed=0).eval()
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.backbone.parameters():
+                    if p.dim() >= 2:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            built[seed] = dict(tiny_setup, model=model, trie=trie, dict=dict_trie)
+        return built[seed]
+
+    return setup
+
+
+@pytest.mark.parametrize(("num_beams", "seed"), [(2, 0), (3, 4)])
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_stop_rules_match_hf_early_stopping(mixed_length_setup, batch_of, num_beams, seed, lp):
+    """``stop_rule="reference"`` (the default) = HF generate's default ``early_stopping=False``;
+    ``stop_rule="exact"`` = ``early_stopping="never"``. At lp = 1 the two HF settings differ
+    on some prompts (so each rule is pinned to its own setting); at lp = 0 they coincide."""
+    setup = mixed_length_setup(seed)
+    m, trie = setup["model"], setup["trie"]
+    batch = batch_of(list(range(12)))
+    ref_default = hf_generate(setup, batch, num_beams, lp, early_stopping=False)
+    ref_never = hf_generate(setup, batch, num_beams, lp, early_stopping="never")
+    args = (m, batch.prompt_ids, batch.prompt_mask, trie, num_beams)
+    default = beam_search(*args, length_penalty=lp)
+    exact = beam_search(*args, length_penalty=lp, stop_rule="exact")
+    _assert_same_as_hf(default, ref_default, trie, lp)
+    _assert_same_as_hf(exact, ref_never, trie, lp)
+    differ = [
+        b
+        for b in range(len(batch))
+        if [h[0] for h in ref_default[b]] != [h[0] for h in ref_never[b]]
+    ]
+    if lp == 0.0:
+        assert differ == [] and torch.equal(default.states, exact.states)
+    else:
+        assert differ, "the fixture must make the two stopping rules disagree somewhere"
+        # the exact bound never stops early, so its best hypothesis is never worse
+        assert torch.all(exact.scores[:, 0] >= default.scores[:, 0] - 1e-6)
 
 
 @pytest.mark.parametrize("lp", [0.0, 1.0])
@@ -138,6 +210,8 @@ def test_bad_arguments(tiny_setup, batch_of):
         beam_search(*args, max_new_tokens=0)
     with pytest.raises(ConfigError, match="backend"):
         beam_search(*args, backend="gpu")
+    with pytest.raises(ConfigError, match="stop_rule"):
+        beam_search(*args, stop_rule="never")
     assert resolve_backend("auto", torch.device("cpu")) == "host"
     assert resolve_backend("auto", torch.device("cuda")) == "device"
 
@@ -170,6 +244,12 @@ def test_token_logprobs_dense_and_fused_agree(shared, with_bias):
     want = ref.gather(1, tok.clamp(min=0)).masked_fill(tok < 0, float("-inf"))
     for impl in ("dense", "fused"):
         got = _token_logprobs(h, weight, bias, tok, shared=shared, impl=impl, max_elems=3000)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a backbone's final-logit scale (Cohere / Granite) multiplies the logits
+    ref = torch.log_softmax(0.37 * (h @ weight.T + (0 if bias is None else bias)), -1)
+    want = ref.gather(1, tok.clamp(min=0)).masked_fill(tok < 0, float("-inf"))
+    for impl in ("dense", "fused"):
+        got = _token_logprobs(h, weight, bias, tok, shared=shared, impl=impl, scale=0.37)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="impl"):
         _token_logprobs(h, weight, bias, tok, impl="sparse")
@@ -276,3 +356,94 @@ def test_exact_rank_sliding_window_backbone_uses_frontier(tiny_setup, batch_of):
         ref = exact_rank(full, *args, max_rows=20, method="tree")
     assert torch.equal(got.states, ref.states)
     torch.testing.assert_close(got.scores, ref.scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_beam_search_sliding_window_matches_hf_generate(tiny_setup, batch_of, lp):
+    """A sliding-window KV cache (window 8, far shorter than prompt + title) drops old keys,
+    so the per-beam positions are not where a full-attention cache keeps them: reordering
+    must move the whole cache, else beams keep another beam's history. Reference: HF
+    generate on the same windowed backbone (it reorders the whole cache)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from latentr3_fast.model import LatentReasoner
+
+    tok, trie = tiny_setup["tok"], tiny_setup["trie"]
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LatentReasoner(Qwen2ForCausalLM(cfg), tok, num_latent=1).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # sharp: beams then differ in what they attend to
+        for p in model.backbone.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    batch = batch_of([0, 3, 5, 8])
+    with torch.no_grad():
+        _, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+    assert {type(x).__name__ for x in cache.layers} == {"DynamicSlidingWindowLayer"}
+    setup = dict(tiny_setup, model=model)
+    ref = hf_generate(setup, batch, 4, lp)
+    ours = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=lp)
+    _assert_same_as_hf(ours, ref, trie, lp)
+
+
+@pytest.mark.parametrize("lp", [0.0, 1.0])
+def test_logit_scaled_backbone_beam_and_exact_rank(tiny_setup, batch_of, lp):
+    """A Cohere backbone multiplies its logits by logit_scale: beam search must return what
+    HF generate returns on it (generate uses the model's own logits), and exact ranking the
+    teacher-forced sums of the model's own log-probs."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    from latentr3_fast.model import LatentReasoner
+
+    tok, trie = tiny_setup["tok"], tiny_setup["trie"]
+    cfg = CohereConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        logit_scale=3.0,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LatentReasoner(CohereForCausalLM(cfg), tok, num_latent=1).eval()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    assert model.logit_scale == 3.0
+    batch = batch_of([0, 3, 5])
+    ref = hf_generate(dict(tiny_setup, model=model), batch, 4, lp)
+    ours = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=lp)
+    _assert_same_as_hf(ours, ref, trie, lp)
+    with torch.no_grad():
+        hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+        latents = model.latents(hidden, batch.prompt_mask, cache)
+        ex = exact_rank(model, batch.prompt_ids, batch.prompt_mask, trie, latents=latents)
+        seqs = ex.sequences(trie)
+        want = _teacher_forced_sums(model, batch, latents, seqs[0][:6])
+    for b in range(len(batch)):
+        by_seq = {tuple(q): v for q, v in zip(seqs[b], ex.sum_logp[b].tolist())}
+        got = torch.tensor([by_seq[tuple(q)] for q in seqs[0][:6]])
+        torch.testing.assert_close(got, want[b], atol=2e-4, rtol=1e-5)

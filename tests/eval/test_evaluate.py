@@ -52,12 +52,14 @@ def test_beam_evaluate_metrics_match_predictions(tiny_eval, tmp_path, lp):
             titles[i] == t for ids, t in zip(r["pred_item_ids"], r["pred_titles"]) for i in ids
         )
         assert r["scores"] == sorted(r["scores"], reverse=True)
-    want = metrics_from_ranks([r["rank"] for r in rows])
+    want = metrics_from_ranks([r["rank"] for r in rows], ks=(1, 3))
     for key, v in want.items():
         assert m[key] == pytest.approx(v)
-    # K beyond the returned beams cannot be reached; reported honestly
+    # K beyond the 4 returned beams cannot be reached: listed, and not reported as metrics
     assert m["ks_beyond_returned"] == [5, 10, 20]
-    assert m["HR@5"] == m["HR@10"] == m["HR@20"] and m["NDCG@5"] == m["NDCG@20"]
+    for k in (5, 10, 20):
+        assert f"HR@{k}" not in m and f"NDCG@{k}" not in m
+        assert f"HR@{k}" not in m["groups"]["popular"]
     assert m["out_of_catalogue"] == 0
     pop = popularity_groups(ds.popularity)
     n_pop = sum(bool(pop[r["target_id"]]) for r in rows)
@@ -111,6 +113,32 @@ def test_exact_evaluate_ranks_whole_catalogue(tiny_eval):
         np.testing.assert_allclose(r_ex["scores"][:5], r_b["scores"][:5], rtol=1e-6, atol=1e-5)
 
 
+def test_exact_ranking_reports_no_k_beyond_the_catalogue(tiny_eval):
+    """Exact ranking lists the whole catalogue: a K above its number of distinct titles
+    cannot be reached and is not reported (it would repeat the largest reachable K)."""
+    ds, model = tiny_eval
+    n_titles = len(set(ds.items.titles))
+    ks = (1, 5, n_titles, n_titles + 1, 10 * n_titles)
+    res = evaluate(
+        model,
+        ds,
+        "valid",
+        rank="exact",
+        max_samples=4,
+        batch_size=4,
+        ks=ks,
+        prompt_builder=short_pb(model, ds),
+        progress=False,
+    )
+    m = res.metrics
+    assert m["num_returned"] == n_titles
+    assert m["ks_beyond_returned"] == [n_titles + 1, 10 * n_titles]
+    assert f"HR@{n_titles}" in m and f"HR@{n_titles + 1}" not in m
+    assert m[f"HR@{n_titles}"] == 1.0  # every target is somewhere in the whole catalogue
+    want = metrics_from_ranks([r["rank"] for r in res.predictions], ks=ks[:3])
+    assert {k: m[k] for k in want} == pytest.approx(want)
+
+
 def test_trie_is_cached_per_catalogue(tiny_eval):
     ds, model = tiny_eval
     pb = short_pb(model, ds)
@@ -127,10 +155,11 @@ def test_evaluate_bad_arguments(tiny_eval):
         evaluate(model, ds, split="dev", progress=False)
 
 
-def test_empty_split_gives_nan_metrics(tiny_eval):
+def test_empty_split_gives_zero_metrics_not_nan(tiny_eval):
     ds, model = tiny_eval
     res = evaluate(model, ds, max_samples=0, progress=False)
-    assert res.metrics["n"] == 0 and math.isnan(res.metrics["HR@10"])
+    assert res.metrics["n"] == 0 and res.metrics["HR@10"] == 0.0
+    assert not any(isinstance(v, float) and math.isnan(v) for v in res.metrics.values())
 
 
 @pytest.mark.parametrize("rank", ["exact", "beam"])
@@ -159,3 +188,37 @@ def test_evaluate_scorings_equals_one_evaluate_per_penalty(tiny_eval, tmp_path, 
         assert both[0].predictions != both[1].predictions
     with pytest.raises(ConfigError, match="predictions_paths"):
         evaluate_scorings(model, ds, [0.0, 1.0], predictions_paths=paths[:1], **kw)
+
+
+@pytest.mark.parametrize("flag", [None, "exact"])
+def test_cli_beam_stop_reaches_the_beam_search(tiny_eval, tmp_path, monkeypatch, flag):
+    """``--beam-stop`` (default: reference) is parsed, validated and handed by the pipeline's
+    evaluation to every beam search it runs."""
+    import importlib
+
+    from latentr3_fast.train.config import load_config
+    from latentr3_fast.train.pipeline import evaluate_models
+
+    ds, model = tiny_eval
+    argv = ["--num-beams", "3", "--length-penalty", "1.0", "--max-eval-samples", "2"]
+    cfg, _ = load_config(argv + ([] if flag is None else ["--beam-stop", flag]))
+    assert cfg.beam_stop == (flag or "reference")
+    rec = importlib.import_module("latentr3_fast.decode.recommend")  # the module, not the fn
+    seen = []
+    real = rec.beam_search
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["stop_rule"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec, "beam_search", spy)
+    records = evaluate_models(cfg, ds, {"sft": model}, tmp_path)
+    assert seen and set(seen) == {flag or "reference"}
+    assert records[0]["ks_beyond_returned"] == [5, 10, 20] and "HR@20" not in records[0]
+
+
+def test_cli_rejects_an_unknown_beam_stop():
+    from latentr3_fast.train.config import load_config
+
+    with pytest.raises(ConfigError, match="--beam-stop: 'never' is not one of reference, exact"):
+        load_config(["--beam-stop", "never"])[0].validate()

@@ -354,3 +354,80 @@ def test_latents_from_a_given_first_latent(tokenizer):
         torch.testing.assert_close(got[b], torch.stack(rs), atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="first must be"):
         model.latents(hidden, pmask, cache, first=first[:, :-1])
+
+
+def _scaled_backbone(tokenizer, kind: str):
+    """Tiny Cohere (logits * logit_scale) or Granite (logits / logits_scaling) with sharp
+    weights, so a missing scale changes the log-probs visibly."""
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    common = dict(
+        vocab_size=len(tokenizer) + 1,  # room for the thought token
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    if kind == "cohere":
+        bb = CohereForCausalLM(CohereConfig(logit_scale=2.5, **common))
+    else:
+        bb = GraniteForCausalLM(GraniteConfig(logits_scaling=0.4, **common))
+    bb.config._attn_implementation = "sdpa"
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in bb.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return bb.eval()
+
+
+@pytest.mark.parametrize("kind", ["cohere", "granite"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_final_logit_scale_matches_the_models_own_logits(tokenizer, kind, n):
+    """Cohere multiplies its logits by logit_scale, Granite divides by logits_scaling: the
+    reasoner's fused log-probs must equal log_softmax of the model's own logits."""
+    bb = _scaled_backbone(tokenizer, kind)
+    model = LatentReasoner(bb, tokenizer, num_latent=n).eval()
+    want_scale = 2.5 if kind == "cohere" else 1 / 0.4
+    assert model.logit_scale == pytest.approx(want_scale)
+    with torch.no_grad():
+        for p in model.ratt.parameters():
+            p.normal_(0, 0.3)
+    batch = _batch(tokenizer, PROMPTS, TARGETS)
+    ref = reference_logprobs(model, *batch, n=n)
+    with torch.no_grad():
+        got = model(*batch)
+        model.logit_scale = 1.0  # what ignoring the scale would give
+        unscaled = model(*batch)
+    tmask = batch[3].bool()
+    torch.testing.assert_close(got[tmask], ref[tmask], atol=2e-5, rtol=1e-5)
+    assert (unscaled[tmask] - ref[tmask]).abs().max() > 1e-2
+
+
+def test_softcapping_backbone_is_rejected(tokenizer):
+    """Gemma 2's tanh soft-cap is not a linear map the fused head could fold in: a clear
+    error at construction instead of silently wrong losses, rewards and beam scores."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    bb = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=len(tokenizer) + 1,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+            final_logit_softcapping=30.0,
+        )
+    )
+    with pytest.raises(ConfigError, match="LatentReasoner: .*final_logit_softcapping=30.0"):
+        LatentReasoner(bb, tokenizer)
+    bb.config.final_logit_softcapping = None  # the same model without the cap is accepted
+    assert LatentReasoner(bb, tokenizer).logit_scale == 1.0

@@ -54,7 +54,11 @@ def test_score_bad_config(kwargs, match):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"sigma": 0.0}, "--sigma > 0"), ({"beta": 0.1, "trainable": "all"}, "--estimator reparam")],
+    [
+        ({"sigma": 0.0}, "--sigma > 0"),
+        ({"beta": 0.1, "trainable": "all"}, "--estimator reparam"),
+        ({"num_latent": 2}, "--num-latent 1 only"),
+    ],
 )
 def test_cli_config_rejects_score_combinations_before_training(kwargs, match):
     """Checked when the run starts, not after SFT has finished."""
@@ -62,6 +66,17 @@ def test_cli_config_rejects_score_combinations_before_training(kwargs, match):
 
     with pytest.raises(ConfigError, match=match):
         RunConfig(estimator="score", **kwargs).validate()
+
+
+def test_score_with_several_latents_is_refused():
+    """The Gaussian policy is on r_1 only; with N > 1 the later latents' dependence on the
+    parameters would be missing from the gradient, so the trainer refuses instead."""
+    ds, tok, builder, model = tiny_setup(num_latent=2, hidden=32)
+    samples = varied_samples(ds, builder, 4)
+    base = dict(num_generations=2, prompts_per_step=4, micro_batch_prompts=4, progress=False)
+    with pytest.raises(ConfigError, match="estimator='score' supports one latent.*num_latent=2"):
+        GRPOTrainer(model, GRPOConfig(estimator="score", **base), samples)
+    GRPOTrainer(model, GRPOConfig(estimator="reparam", **base), samples)  # the reference: fine
 
 
 def test_resume_with_another_estimator_is_refused(tmp_path):

@@ -362,26 +362,98 @@ def test_train_logs_checkpoints_and_resumes(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_num_iterations_reuses_rollout():
+@torch.no_grad()
+def _reference_token_logp(model, samples, noise, sigma):
+    """Independent reference: per prompt one unpadded, uncached full HF forward for H, then per
+    row one full forward over [prompt, r + sigma * eps_k, target] with full-vocabulary logits.
+    Returns per prompt a [G, T] tensor of target-token log-probs (row 0 clean)."""
+    bb = model.backbone
+    emb = bb.get_input_embeddings()
+    out = []
+    for p, s in enumerate(samples):
+        x, y = torch.tensor(s.prompt_ids), torch.tensor(s.target_ids)
+        h = bb(inputs_embeds=emb(x[None]), output_hidden_states=True).hidden_states[-1]
+        r = model.ratt(h, torch.ones(h.shape[:2]))[0]
+        rows = [r] + [r + sigma * noise[p, k] for k in range(noise.shape[1])]
+        ids = torch.cat([x, torch.tensor([model.thought_token_id]), y])
+        pos = torch.arange(len(x), len(x) + len(y))  # the latent slot predicts y[0]
+        per_row = []
+        for latent in rows:
+            e = emb(ids[None]).clone()
+            e[0, len(x)] = latent
+            lp = torch.log_softmax(bb(inputs_embeds=e).logits[0].float(), -1)
+            per_row.append(lp[pos, y])
+        out.append(torch.stack(per_row))
+    return out
+
+
+def test_num_iterations_off_policy_ratio_is_clipped():
+    """num_iterations = 3 on one rollout: iterations 1 and 2 are off-policy. Their loss and
+    clip fraction must equal the PPO-clip formula computed independently: rho per token =
+    exp(logp_now - logp_rollout) from full HF forwards with the LatentRATT weights of that
+    iteration, advantages from the rollout's rewards (batch mode), clip [1 - 0.2, 1 + 0.28].
+    The step size is large enough that rho leaves the clip range, so clipping is exercised."""
     ds, tok, builder, model = tiny_setup(hidden=32)
+    with torch.no_grad():  # a latent that matters (the 0.02 init makes r ~ 0)
+        g = torch.Generator().manual_seed(0)
+        for p in model.ratt.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
     samples = varied_samples(ds, builder, 8)
+    eps_lo, eps_hi, sigma, gen = 0.2, 0.28, 1.5, 3
     cfg = GRPOConfig(
-        num_generations=3,
+        num_generations=gen,
         prompts_per_step=2,
         micro_batch_prompts=1,
         num_iterations=3,
-        lr=5e-2,
+        lr=0.3,
         warmup_steps=0,
+        schedule="constant",
+        max_grad_norm=0.0,  # no clipping of the gradient norm: big, formula-checked steps
+        sigma=sigma,
+        epsilon=eps_lo,
+        epsilon_high=eps_hi,
         loss_pass="recompute",
         progress=False,
     )
     tr = GRPOTrainer(model, cfg, samples)
+    snaps = [{k: v.clone() for k, v in model.ratt.state_dict().items()}]
+    tr.optimizer.register_step_post_hook(
+        lambda *_: snaps.append({k: v.clone() for k, v in model.ratt.state_dict().items()})
+    )
     mets = tr.train_rollout()
     assert [m["iteration"] for m in mets] == [0, 1, 2] and tr.global_step == 3
-    assert tr.rollout_index == 1
-    # same rollout: identical reward statistics; later iterations are off-policy (ratio != 1)
+    assert tr.rollout_index == 1 and len(snaps) == 4
+
+    step = [samples[i] for i in tr.step_sample_indices(0)]
+    noise = step_noise(cfg.seed, 0, 2, gen, model.hidden_size)
+    model.ratt.load_state_dict(snaps[0])
+    old = _reference_token_logp(model, step, noise, sigma)
+    rewards = torch.stack([-torch.exp(-lp.mean(-1)) for lp in old])  # [P, G]
+    m = rewards[:, 0].mean()  # batch advantage: the clean rows' mean, L2 norm of all
+    adv = (rewards - m) / ((rewards - m).norm() + 1e-6)
+    assert mets[0]["reward_clean_mean"] == pytest.approx(float(rewards[:, 0].mean()), rel=1e-5)
+    for it in range(3):
+        model.ratt.load_state_dict(snaps[it])
+        new = _reference_token_logp(model, step, noise, sigma)
+        losses, clipped, tokens, max_dev = [], 0, 0, 0.0
+        for p in range(2):
+            rho = torch.exp(new[p] - old[p])  # [G, T]
+            a = adv[p].unsqueeze(1)
+            tok_loss = -torch.minimum(rho * a, rho.clamp(1 - eps_lo, 1 + eps_hi) * a)
+            losses.append(tok_loss.mean(-1))
+            clipped += int((((rho < 1 - eps_lo) & (a < 0)) | ((rho > 1 + eps_hi) & (a > 0))).sum())
+            tokens += rho.numel()
+            max_dev = max(max_dev, float((rho - 1).abs().max()))
+        want_loss = float(torch.cat(losses).mean())
+        assert mets[it]["loss"] == pytest.approx(want_loss, rel=1e-4, abs=1e-7)
+        assert mets[it]["clip_frac"] == pytest.approx(clipped / tokens, abs=1e-9)
+        if it == 0:  # on-policy: rho = 1, loss = -mean(A), nothing clipped
+            assert max_dev < 1e-5 and clipped == 0
+            assert want_loss == pytest.approx(-float(adv.mean()), abs=1e-6)
+        else:  # off-policy: rho moved beyond the clip range and clipping changed the loss
+            assert max_dev > eps_hi and clipped > 0
+    # same rollout for every iteration: identical reward statistics
     assert mets[0]["reward_clean_mean"] == mets[2]["reward_clean_mean"]
-    assert mets[0]["clip_frac"] == 0.0
 
 
 def test_update_increases_advantage_weighted_objective():

@@ -70,6 +70,68 @@ def test_adamw_8bit_needs_cuda():
         build_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], optim="sgd")
 
 
+def test_adamw_8bit_without_bitsandbytes_names_the_extra(monkeypatch):
+    """bitsandbytes is the optional [bnb] extra: asking for the 8-bit optimizer without it is
+    a one-line error naming the extra, from the trainer and from the CLI config alike."""
+    import importlib.util
+
+    from latentr3_fast.train.config import RunConfig
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "bitsandbytes" else real(name, *a, **k),
+    )
+    with pytest.raises(ConfigError, match=r"pip install 'latentr3_fast\[bnb\]'"):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], optim="adamw_8bit")
+    with pytest.raises(ConfigError, match=r"--optim adamw_8bit needs bitsandbytes.*\[bnb\]"):
+        RunConfig(optim="adamw_8bit").validate()
+    RunConfig(optim="adamw").validate()  # the default never looks for it
+    build_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], optim="adamw")
+
+
+def test_bitsandbytes_is_imported_only_for_adamw_8bit():
+    """A fresh interpreter that imports the package, builds the CLI config and a default
+    optimizer never imports bitsandbytes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch\n"
+        "import latentr3_fast, latentr3_fast.train, latentr3_fast.reward\n"
+        "from latentr3_fast.train.common import build_optimizer\n"
+        "from latentr3_fast.train.config import RunConfig\n"
+        "RunConfig().validate()\n"
+        "build_optimizer([torch.nn.Parameter(torch.zeros(2))], optim='adamw')\n"
+        "print('bitsandbytes' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_declared_dependencies_match_the_code():
+    """pyproject: transformers floor at 4.56 (the first release with Cache.layers,
+    DynamicCache(config=) and from_pretrained(dtype=), all used by the model code; checked by
+    installing 4.56.0 and 4.55.4, see README), bitsandbytes only in the [bnb] extra."""
+    from pathlib import Path
+
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    deps = meta["project"]["dependencies"]
+    assert "transformers>=4.56" in deps
+    assert not any(d.startswith("bitsandbytes") for d in deps)
+    assert any(
+        d.startswith("bitsandbytes") for d in meta["project"]["optional-dependencies"]["bnb"]
+    )
+
+
 def test_atomic_dir_keeps_old_version_on_failure(tmp_path):
     final = tmp_path / "ckpt"
     atomic_dir(final, lambda d: (d / "a.txt").write_text("v1"))
