@@ -38,6 +38,15 @@ A reward that computes the loss on decoded completions (``reward="hit"``) needs 
   log-density log N(r^k; r_theta, sigma^2) (the standard policy-gradient/PPO ratio for a
   continuous action), so the expected update is the gradient of the sigma-smoothed reward.
   The loss pass needs only LatentRATT on the stored prompt states (no suffix forward).
+
+Validation (``valid_data=``; the reference has none and returns the last step): at step 0
+and every ``eval_steps`` steps the mean clean-latent reward and target NLL on a fixed subset
+of the validation rows (all-reduced, so every rank decides alike); the best step's weights
+(step 0, the starting model, included) are kept in memory and inside every checkpoint
+(``best_weights.safetensors`` when they differ from the checkpoint's own), training can stop
+after ``patience`` validations without improvement, and the best weights are loaded at the
+end unless ``load_best_at_end=False``. ``output_dir/validation.json`` holds the curve and the
+selected step.
 """
 
 from __future__ import annotations
@@ -881,8 +890,9 @@ class GRPOTrainer:
             tensorboard_dir=(
                 self.out_dir / "tb" if (cfg.tensorboard and self.out_dir and main) else None
             ),
-            # drop records of steps after the resumed checkpoint: they are redone now
-            resume_step=self.global_step if cfg.resume else None,
+            # drop records of steps after the resumed checkpoint: they are redone now (from
+            # step 0 that includes the step-0 validation)
+            resume_step=(self.global_step or -1) if cfg.resume else None,
         )
         bar = progress_bar(
             self.total_steps, desc="grpo", enabled=cfg.progress and main, initial=self.global_step

@@ -262,3 +262,17 @@ def test_resume_with_another_metric_is_refused(data, tmp_path):
             resume=True,
             eval_metric="nll",
         )
+
+
+def test_resume_without_checkpoint_logs_step_zero_once(data, tmp_path):
+    """A run killed before its first checkpoint had logged the step-0 validation: the resumed
+    run starts over and logs it once."""
+    (tmp_path / "grpo_log.jsonl").write_text(
+        json.dumps({"step": 0, "event": "validation", "val_reward": 7.0}) + "\n"
+    )
+    tr = _scripted(_model(), data, {0: 1.0, 1: 2.0}, max_steps=1, output_dir=str(tmp_path))
+    tr.cfg.resume = True
+    tr.train()
+    lines = [json.loads(x) for x in (tmp_path / "grpo_log.jsonl").read_text().splitlines()]
+    vals = [(r["step"], r["val_reward"]) for r in lines if r.get("event") == "validation"]
+    assert vals == [(0, 1.0), (1, 2.0)]
