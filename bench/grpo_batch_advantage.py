@@ -154,7 +154,8 @@ def run_sft_model(run_dir: Path):
     from latentr3_fast.data import PromptBuilder, make_synthetic
     from latentr3_fast.model import LatentReasoner
 
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = {str(k).replace("-", "_"): v for k, v in raw.items()}
     if cfg["data"] != "synthetic" or cfg["model"] is not None:
         raise SystemExit(f"{run_dir}: not an embedded-default run")
     ds = make_synthetic(
@@ -175,7 +176,7 @@ def run_sft_model(run_dir: Path):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sft-steps", type=int, nargs="+", default=[15, 40, 80])
+    ap.add_argument("--sft-steps", type=int, nargs="*", default=[15, 40, 80])
     ap.add_argument("--sigmas", type=float, nargs="+", default=[1.5, 0.5])
     ap.add_argument("--rollouts", type=int, default=8)
     ap.add_argument("--valid-rows", type=int, default=128)
