@@ -276,3 +276,49 @@ def test_resume_without_checkpoint_logs_step_zero_once(data, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "grpo_log.jsonl").read_text().splitlines()]
     vals = [(r["step"], r["val_reward"]) for r in lines if r.get("event") == "validation"]
     assert vals == [(0, 1.0), (1, 2.0)]
+
+
+def _all_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class ScriptedAll(Scripted):
+    def validate(self):
+        self.seen_all = getattr(self, "seen_all", {})
+        self.seen_all[self.global_step] = _all_params(self.model)
+        return super().validate()
+
+
+def test_trainable_all_best_weights_survive_resume(data, tmp_path):
+    """With the whole model trainable the best copy is the whole model (backbone included),
+    stored in the checkpoint and loaded at the end of a resumed run."""
+    script = {0: 1.0, 1: 5.0, 2: 2.0, 3: 3.0}
+    kw = dict(max_steps=3, trainable="all", lr=1e-3, output_dir=str(tmp_path), save_every=1)
+    tr = ScriptedAll(_model(), _cfg(**kw), data, valid_data=data[:2])
+    tr.script = script
+    tr.train(num_steps=2)  # "crash" after step 2; best = step 1
+    assert (tmp_path / "checkpoints" / "step-00000002" / "best_weights.safetensors").is_file()
+    model = _model()
+    tr2 = ScriptedAll(model, _cfg(resume=True, **kw), data, valid_data=data[:2])
+    tr2.script = script
+    tr2.train()
+    assert tr2.best_step == 1 and tr2.global_step == 3
+    want = tr.seen_all[1]
+    got = _all_params(model)
+    backbone = [k for k in want if not k.startswith("ratt.")]
+    assert backbone and any(not torch.equal(want[k], tr2.seen_all[3][k]) for k in backbone)
+    _assert_same(got, want)
+
+
+def test_cli_rejects_bad_grpo_validation_flags():
+    from latentr3_fast.train.config import RunConfig
+
+    for kw, flag in [
+        ({"grpo_select": "first"}, "--grpo-select"),
+        ({"grpo_eval_metric": "hr"}, "--grpo-eval-metric"),
+        ({"grpo_eval_steps": 0}, "--grpo-eval-steps"),
+        ({"grpo_eval_samples": 0}, "--grpo-eval-samples"),
+        ({"grpo_patience": 0}, "--grpo-patience"),
+    ]:
+        with pytest.raises(ConfigError, match=flag):
+            RunConfig(**kw).validate()
