@@ -109,10 +109,16 @@ def write_report(
     plots: Sequence[str] = (),
     notes: Sequence[str] = (),
     latent_usage: dict[str, dict[str, Any]] | None = None,
+    grpo_validation: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``report.md``: results, popularity gains, latent swap test, timings, plots,
-    environment, config. ``latent_usage`` maps a model name to ``LatentUsage.as_dict()``."""
+    """Write ``report.md``: results, the GRPO step evaluated as LatentR3 and its validation
+    curve, popularity gains, latent swap test, timings, plots, environment, config.
+    ``latent_usage`` maps a model name to ``LatentUsage.as_dict()``; ``grpo_validation`` is
+    the GRPO trainer's ``validation.json``."""
     lines = ["# LatentR3 run report", "", "## Results", "", results_table(results, markdown=True)]
+    if grpo_validation:
+        lines += ["", "## GRPO: the step evaluated as LatentR3", ""]
+        lines += grpo_validation_lines(grpo_validation)
     if gains:
         lines += ["", "## Popular vs unpopular items (relative gain)", ""]
         lines += ["| scoring | group | base | new | gain |", "|---|---|---|---|---|"]
@@ -144,6 +150,51 @@ def write_report(
     lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in environment_info().items()]
     lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def grpo_selection_summary(v: dict[str, Any]) -> str:
+    """One line: which GRPO step the LatentR3 model holds, and why (from ``validation.json``)."""
+    metric = "mean clean-latent reward" if v["metric"] == "reward" else "target NLL"
+    curve = v.get("curve") or []
+    start = next((c for c in curve if c["step"] == 0), None)
+    key = "val_" + v["metric"]
+    sel, last = v["selected_step"], v["last_step"]
+    head = f"LatentR3 = GRPO step {sel} of {last}"
+    if v["selection"] == "last":
+        why = (
+            f"the last step (--grpo-select last, the reference); the best validated step was "
+            f"{v['best_step']}"
+        )
+    elif v["best_step"] is None:
+        why = "the last step: no validation was finite"
+    elif sel == 0:
+        why = (
+            f"no GRPO step improved the validation {metric} of the SFT model "
+            f"({v['best_value']:.4f}), so step 0 (the SFT model) is kept"
+        )
+    else:
+        base = f", step 0: {start[key]:.4f}" if start else ""
+        why = f"the best validation {metric} ({v['best_value']:.4f}{base})"
+    if v.get("stopped_early"):
+        why += f"; stopped early after {v['patience']} validations without improvement"
+    rows = f"{v['rows']} validation rows, every {v['eval_steps']} steps"
+    return f"{head}: {why} ({rows})"
+
+
+def grpo_validation_lines(v: dict[str, Any]) -> list[str]:
+    """Markdown: the selection sentence and the validation curve table."""
+    lines = [grpo_selection_summary(v) + ".", ""]
+    lines += [
+        "Validation with the clean latent (no noise) on a fixed subset of the validation "
+        "split: mean reward (-perplexity of the target) and NLL per target token.",
+        "",
+        "| step | reward | NLL | |",
+        "|---|---|---|---|",
+    ]
+    for c in v.get("curve") or []:
+        mark = "**kept**" if c["step"] == v["selected_step"] else ""
+        lines.append(f"| {c['step']} | {c['val_reward']:.4f} | {c['val_nll']:.4f} | {mark} |")
+    return lines
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -205,6 +256,9 @@ def make_plots(
         x = [r["step"] for r in steps]
         ax[0].plot(x, [r["reward_clean_mean"] for r in steps], label="clean latent (k=0)")
         ax[0].plot(x, [r.get("reward_noisy_mean", float("nan")) for r in steps], label="noisy")
+        val = [(r["step"], r["val_reward"]) for r in grpo if "val_reward" in r and "step" in r]
+        if val:
+            ax[0].plot(*zip(*val), "o-", label="validation (clean)")
         ax[0].set_title("GRPO reward (-perplexity)")
         ax[0].set_xlabel("optimizer step")
         ax[0].legend(fontsize=7)

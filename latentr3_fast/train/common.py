@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
@@ -540,9 +540,12 @@ def save_checkpoint(
     scheduler: Any = None,
     trainer_state: dict[str, Any] | None = None,
     keep_last: int = 2,
+    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Atomically write ``output_dir/checkpoints/step-{step:08d}`` and drop older ones beyond
-    ``keep_last`` (0 = keep all). ``trainer_state`` (JSON-able) should hold the data position."""
+    ``keep_last`` (0 = keep all). ``trainer_state`` (JSON-able) should hold the data position.
+    ``extra_weights`` maps a name to a state dict written as ``NAME.safetensors`` inside the
+    checkpoint (e.g. GRPO's best weights), covered by the completion marker."""
     final = Path(output_dir) / "checkpoints" / f"step-{step:08d}"
     state = {"step": int(step), "time": time.time(), **(trainer_state or {})}
 
@@ -553,6 +556,9 @@ def save_checkpoint(
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(get_rng_state(), tmp / "rng.pt")
+        for name, tensors in (extra_weights or {}).items():
+            flat = {k: v.detach().contiguous() for k, v in tensors.items()}
+            save_file(flat, str(tmp / f"{name}.safetensors"))
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         # written last: lets listing tell a whole checkpoint from one damaged in place
         files = {

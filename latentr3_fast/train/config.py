@@ -184,6 +184,28 @@ class RunConfig:
         default="ppl", metadata={"help": "ppl (LatentR3) | hit (original GRPO, decodes)"}
     )
     trainable: str = field(default="latent", metadata={"help": "latent (LatentRATT only) | all"})
+    grpo_select: str = field(
+        default="best",
+        metadata={
+            "help": "GRPO weights evaluated as LatentR3: best (best validated step, step 0 = "
+            "the SFT model included) | last (the reference: the last step)"
+        },
+    )
+    grpo_eval_steps: int | None = field(
+        default=None,
+        metadata={"help": "validate GRPO every N optimizer steps (default: ~10 times per run)"},
+    )
+    grpo_eval_samples: int = field(
+        default=256, metadata={"help": "validation rows of the GRPO validation (evenly spaced)"}
+    )
+    grpo_eval_metric: str = field(
+        default="reward",
+        metadata={"help": "GRPO validation metric: reward (mean clean-latent reward) | nll"},
+    )
+    grpo_patience: int | None = field(
+        default=None,
+        metadata={"help": "stop GRPO after N validations without improvement (default: never)"},
+    )
 
     # --- evaluation ---
     num_beams: int = field(default=10, metadata={"help": "beams of the constrained beam search"})
@@ -219,6 +241,8 @@ class RunConfig:
             "reward": ("ppl", "hit"),
             "trainable": ("latent", "all"),
             "dtype": ("auto", "fp32", "bf16", "fp16"),
+            "grpo_select": ("best", "last"),
+            "grpo_eval_metric": ("reward", "nll"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -235,9 +259,13 @@ class RunConfig:
             "eval_batch_size",
             "num_iterations",
             "max_length",
+            "grpo_eval_samples",
         )
         for name in positive:
             if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("grpo_eval_steps", "grpo_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.num_latent < 0:
             raise ConfigError(f"--num-latent must be >= 0, got {self.num_latent}")

@@ -38,6 +38,15 @@ A reward that computes the loss on decoded completions (``reward="hit"``) needs 
   log-density log N(r^k; r_theta, sigma^2) (the standard policy-gradient/PPO ratio for a
   continuous action), so the expected update is the gradient of the sigma-smoothed reward.
   The loss pass needs only LatentRATT on the stored prompt states (no suffix forward).
+
+Validation (``valid_data=``; the reference has none and returns the last step): at step 0
+and every ``eval_steps`` steps the mean clean-latent reward and target NLL on a fixed subset
+of the validation rows (all-reduced, so every rank decides alike); the best step's weights
+(step 0, the starting model, included) are kept in memory and inside every checkpoint
+(``best_weights.safetensors`` when they differ from the checkpoint's own), training can stop
+after ``patience`` validations without improvement, and the best weights are loaded at the
+end unless ``load_best_at_end=False``. ``output_dir/validation.json`` holds the curve and the
+selected step.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,7 +65,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .common import (
     JsonlLogger,
     NonFiniteGuard,
@@ -69,6 +79,8 @@ from .common import (
 )
 from .rewards import RewardFunction, RewardResult, Rollout, RolloutPerplexityReward, make_reward
 
+BEST_WEIGHTS = "best_weights"  # NAME.safetensors in a checkpoint: the best validated weights
+
 __all__ = [
     "GRPOConfig",
     "GRPOTrainer",
@@ -77,6 +89,7 @@ __all__ = [
     "gaussian_policy_logprob",
     "local_prompt_positions",
     "step_noise",
+    "evenly_spaced",
 ]
 
 
@@ -136,6 +149,15 @@ class GRPOConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before TrainingError
     tensorboard: bool = False  # mirror the JSON-lines log to TensorBoard (output_dir/tb)
     save_final_model: bool = True  # write the whole reasoner to output_dir/final at the end
+    # validation (only when the trainer is given valid_data): at step 0 and every eval_steps
+    # steps, the mean clean-latent reward and target NLL on a fixed subset; the best step
+    # (step 0 = the starting model included) is kept and loaded at the end
+    eval_steps: int | None = None  # None: about 10 validations per run
+    eval_samples: int | None = 256  # evenly spaced validation rows (None: all of them)
+    eval_metric: str = "reward"  # "reward" (mean clean reward, higher is better) | "nll"
+    eval_batch_size: int = 16
+    patience: int | None = None  # stop after this many validations without improvement
+    load_best_at_end: bool = True  # False: keep the last step's weights (the reference)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -157,12 +179,22 @@ class GRPOConfig:
             "trainable": ("latent", "all"),
             "schedule": ("cosine", "linear", "constant"),
             "optimizer": ("adamw", "adamw_8bit"),
+            "eval_metric": ("reward", "nll"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"GRPOConfig.{name}={getattr(self, name)!r} is not one of {allowed}"
                 )
+        for name in ("eval_steps", "eval_samples", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(
+                    f"GRPOConfig.{name} must be >= 1 or None, got {getattr(self, name)}"
+                )
+        if self.eval_batch_size < 1:
+            raise ConfigError(
+                f"GRPOConfig.eval_batch_size must be >= 1, got {self.eval_batch_size}"
+            )
         if self.num_generations < 2:
             raise ConfigError(
                 f"GRPOConfig.num_generations must be >= 2 (1 clean + noisy rows), "
@@ -335,6 +367,14 @@ def local_prompt_positions(
     return out
 
 
+def evenly_spaced(n: int, k: int | None) -> list[int]:
+    """Indices of ``k`` rows spread evenly over ``n`` (all of them when ``k`` is None or
+    >= n): the fixed validation subset, spanning the whole (often time-ordered) split."""
+    if k is None or k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
+
+
 def step_noise(seed: int, rollout_index: int, num_prompts: int, g: int, dim: int) -> Tensor:
     """eps ~ N(0, 1) of one rollout: [num_prompts, G-1, dim] fp32 on CPU, a pure function of
     (seed, rollout index) so runs resume exactly and ranks agree."""
@@ -377,6 +417,11 @@ class GRPOTrainer:
         pad_id: padding id for collation (default: the tokenizer's pad, else EOS).
         process_group: torch.distributed group for the advantage statistics and gradient
             all-reduce (default: the world, when initialized).
+        valid_data: encoded validation samples. When given, the trainer validates at step 0
+            and every ``eval_steps`` steps on a fixed subset (``eval_samples`` evenly spaced
+            rows), keeps the best weights (step 0 included), can stop early (``patience``) and
+            loads the best weights at the end (``load_best_at_end``). Without it the trainer
+            does what the reference does: it returns the last step's weights.
     """
 
     def __init__(
@@ -387,6 +432,7 @@ class GRPOTrainer:
         reward: RewardFunction | None = None,
         pad_id: int | None = None,
         process_group: Any = None,
+        valid_data: Sequence[Any] | None = None,
     ) -> None:
         self.model = model
         self.cfg = config
@@ -453,6 +499,17 @@ class GRPOTrainer:
         self.rollout_index = 0  # rollouts done
         self.history: list[dict[str, float]] = []
         self.out_dir = Path(config.output_dir) if config.output_dir else None
+        # validation state (everything a checkpoint must restore)
+        valid = list(valid_data or [])
+        self.valid_data = [valid[i] for i in evenly_spaced(len(valid), config.eval_samples)]
+        self.eval_steps = config.eval_steps or max(1, round(self.total_steps / 10))
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.bad_evals = 0
+        self.last_eval_step = -1
+        self.stopped_early = False
+        self.val_history: list[dict[str, Any]] = []
+        self._best_state: dict[str, Tensor] | None = None  # CPU copy of the best weights
         if self.out_dir is not None and config.resume:
             self.resume()
 
@@ -840,14 +897,20 @@ class GRPOTrainer:
             tensorboard_dir=(
                 self.out_dir / "tb" if (cfg.tensorboard and self.out_dir and main) else None
             ),
-            # drop records of steps after the resumed checkpoint: they are redone now
-            resume_step=self.global_step if cfg.resume else None,
+            # drop records of steps after the resumed checkpoint: they are redone now (from
+            # step 0 that includes the step-0 validation)
+            resume_step=(self.global_step or -1) if cfg.resume else None,
         )
         bar = progress_bar(
             self.total_steps, desc="grpo", enabled=cfg.progress and main, initial=self.global_step
         )
+        k = self.eval_steps
         try:
-            while self.global_step < stop:
+            if self.valid_data and self.last_eval_step < 0 and not self.stopped_early:
+                self.stopped_early = self._validate_and_track(logger)  # step 0: the start
+                bar.set_postfix(self._val_postfix(), refresh=False)
+            while self.global_step < stop and not self.stopped_early:
+                before = self.global_step
                 for met in self.train_rollout():
                     self.history.append(met)
                     if met["step"] % cfg.log_every == 0:
@@ -857,23 +920,158 @@ class GRPOTrainer:
                         loss=f"{met['loss']:.3g}",
                         clean=f"{met['reward_clean_mean']:.4g}",
                         noisy=f"{met['reward_noisy_mean']:.4g}",
+                        **self._val_postfix(),
                         refresh=False,
                     )
+                due = self.global_step // k > before // k or self.global_step >= self.total_steps
+                if self.valid_data and due and self.last_eval_step != self.global_step:
+                    self.stopped_early = self._validate_and_track(logger)
+                    bar.set_postfix(self._val_postfix(), refresh=False)
                 if (
                     self.out_dir is not None
                     and cfg.save_every
                     and self.global_step % cfg.save_every < cfg.num_iterations
                     and self.global_step < stop
+                    and not self.stopped_early
                 ):
                     self.save_checkpoint()
         finally:
             bar.close()
             logger.close()
+        finished = self.global_step >= self.total_steps or self.stopped_early
         if self.out_dir is not None:
-            self.save_checkpoint()
-            if cfg.save_final_model and self.global_step >= self.total_steps and main:
-                self.model.save_pretrained(self.out_dir / "final")
+            self.save_checkpoint()  # the last weights, and the best ones beside them
+        if finished:
+            self._select_final_weights()
+        if self.out_dir is not None and finished and main and cfg.save_final_model:
+            self.model.save_pretrained(self.out_dir / "final")  # the selected weights
         return self.history
+
+    # ---------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Clean-latent (no noise) validation on the fixed subset ``self.valid_data``.
+
+        Returns ``{"reward": mean over rows of -exp(mean token NLL), "nll": NLL per target
+        token (nats, EOS included, token-weighted as in the SFT validation and the swap
+        test), "rows": number of rows}``. Distributed: the batches are dealt round-robin to
+        the ranks and the fp64 sums all-reduced, so every rank returns the same values and
+        makes the same keep/stop decision (call on every rank).
+        """
+        from ..data import collate
+        from ..ops import ppl_reward
+
+        data = self.valid_data
+        if not data:
+            raise ConfigError("GRPOTrainer.validate: no validation data (pass valid_data=)")
+        model = self.model
+        was_training = model.training
+        model.eval()
+        acc = torch.zeros(4, dtype=torch.float64, device=model.device)  # reward, nll, tok, rows
+        bs = self.cfg.eval_batch_size
+        try:
+            for s in list(range(0, len(data), bs))[self.rank :: self.world]:
+                batch = collate(list(data[s : s + bs]), self.pad_id).to(model.device)
+                hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+                r = model.latents(hidden, batch.prompt_mask, cache)
+                h = model.suffix_forward(
+                    cache, batch.prompt_mask, r.to(model.dtype), batch.target_ids
+                )
+                logp = model.target_logprobs(h, batch.target_ids, batch.target_mask).float()
+                m = batch.target_mask.float()
+                acc[0] += ppl_reward(logp, batch.target_mask).double().sum()
+                acc[1] -= (logp * m).double().sum()
+                acc[2] += m.double().sum()
+                acc[3] += len(batch)
+        finally:
+            model.train(was_training)
+        if self.distributed and self.world > 1:
+            dist.all_reduce(acc, group=self.group)
+        reward, nll, tokens, rows = acc.tolist()
+        return {"reward": reward / rows, "nll": nll / max(tokens, 1.0), "rows": int(rows)}
+
+    def _validate_and_track(self, logger: JsonlLogger) -> bool:
+        """Validate at the current step, log it, keep the weights when they are the best so
+        far; True when ``patience`` validations in a row did not improve (stop)."""
+        cfg = self.cfg
+        vals = self.validate()
+        value = vals[cfg.eval_metric]
+        if cfg.eval_metric == "reward":
+            better = self.best_value is None or value > self.best_value
+        else:
+            better = self.best_value is None or value < self.best_value
+        improved = math.isfinite(value) and better  # a non-finite value is never the best
+        rec = {
+            "event": "validation",
+            "val_reward": vals["reward"],
+            "val_nll": vals["nll"],
+            "val_rows": vals["rows"],
+            "improved": improved,
+        }
+        self.val_history.append({"step": self.global_step, **rec})
+        logger.log(rec, step=self.global_step)
+        self.last_eval_step = self.global_step
+        if improved:
+            self.best_value, self.best_step, self.bad_evals = value, self.global_step, 0
+            self._best_state = self._snapshot()
+        else:
+            self.bad_evals += 1
+        self._write_validation_json()
+        return cfg.patience is not None and self.bad_evals >= cfg.patience
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        return {
+            k: v.detach().to("cpu", copy=True) for k, v in self._ckpt_module().state_dict().items()
+        }
+
+    def _val_postfix(self) -> dict[str, str]:
+        if not self.val_history:
+            return {}
+        key = "val_" + self.cfg.eval_metric
+        return {"val": f"{self.val_history[-1][key]:.4g}", "best": str(self.best_step)}
+
+    @property
+    def selected_step(self) -> int:
+        """The step whose weights the model holds at the end of training: the best
+        validated step, or the last step without validation / with load_best_at_end=False."""
+        if self.cfg.load_best_at_end and self.best_step is not None:
+            return self.best_step
+        return self.global_step
+
+    def _select_final_weights(self) -> None:
+        """End of training: load the best validated weights (unless the reference's last
+        step is asked for)."""
+        best = self._best_state
+        if self.cfg.load_best_at_end and best is not None and self.best_step != self.global_step:
+            self._ckpt_module().load_state_dict(best)
+        self._write_validation_json()
+
+    def validation_summary(self) -> dict[str, Any]:
+        """What ``output_dir/validation.json`` holds: the metric, the best and the selected
+        step and the validation curve ``[{step, val_reward, val_nll, improved}, ...]``."""
+        return {
+            "metric": self.cfg.eval_metric,
+            "eval_steps": self.eval_steps,
+            "rows": len(self.valid_data),
+            "best_step": self.best_step,
+            "best_value": self.best_value,
+            "selected_step": self.selected_step,
+            "selection": "best" if self.cfg.load_best_at_end else "last",
+            "last_step": self.global_step,
+            "total_steps": self.total_steps,
+            "stopped_early": self.stopped_early,
+            "patience": self.cfg.patience,
+            "curve": list(self.val_history),
+        }
+
+    def _write_validation_json(self) -> None:
+        if self.out_dir is None or self.rank != 0 or not self.val_history:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "validation.json"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.validation_summary(), indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -919,7 +1117,21 @@ class GRPOTrainer:
             "trainable": self.cfg.trainable,
             "estimator": self.cfg.estimator,
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
+            "validation": {
+                "metric": self.cfg.eval_metric,
+                "best_value": self.best_value,
+                "best_step": self.best_step,
+                "bad_evals": self.bad_evals,
+                "last_eval_step": self.last_eval_step,
+                "stopped_early": self.stopped_early,
+                "history": self.val_history,
+            },
         }
+        # the best weights travel inside the checkpoint (atomic with the state naming them);
+        # when the best step is this step they are the checkpoint's own weights
+        extra = None
+        if self._best_state is not None and self.best_step != self.global_step:
+            extra = {BEST_WEIGHTS: self._best_state}
         return save_checkpoint(
             self.out_dir,
             self.global_step,
@@ -928,6 +1140,7 @@ class GRPOTrainer:
             self.scheduler,
             trainer_state=json.loads(json.dumps(state, default=str)),
             keep_last=self.cfg.save_total_limit,
+            extra_weights=extra,
         )
 
     def resume(self) -> bool:
@@ -948,6 +1161,29 @@ class GRPOTrainer:
         self.global_step = int(meta["global_step"])
         self.rollout_index = int(meta["rollout_index"])
         self.guard.load_state_dict(meta.get("guard", {}))
+        val = meta.get("validation")
+        if val and val.get("history"):
+            if val["metric"] != self.cfg.eval_metric:
+                raise ConfigError(
+                    f"{last}: validated with eval_metric={val['metric']!r}, resumed with "
+                    f"eval_metric={self.cfg.eval_metric!r}; resume with the same metric"
+                )
+            self.best_value, self.best_step = val["best_value"], val["best_step"]
+            self.bad_evals = int(val["bad_evals"])
+            self.last_eval_step = int(val["last_eval_step"])
+            self.stopped_early = bool(val["stopped_early"])
+            self.val_history = list(val["history"])
+            if self.best_step == self.global_step:
+                self._best_state = self._snapshot()
+            elif self.best_step is not None:
+                path = last / f"{BEST_WEIGHTS}.safetensors"
+                if not path.is_file():
+                    raise TrainingError(
+                        f"{last}: names best step {self.best_step} but has no {path.name}"
+                    )
+                from safetensors.torch import load_file
+
+                self._best_state = load_file(str(path))
         return True
 
 

@@ -236,6 +236,7 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
 
     pb = prompt_builder(cfg, model, dataset)
     train = pb.encode_many(dataset.train[: cfg.max_train_samples])
+    valid = pb.encode_many(dataset.valid[: cfg.max_eval_samples])
     grpo_cfg = GRPOConfig(
         output_dir=str(out_dir),
         num_generations=cfg.num_generations,
@@ -260,6 +261,12 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
         seed=cfg.seed,
         save_every=cfg.save_steps,
         resume=cfg.resume,
+        eval_steps=cfg.grpo_eval_steps,
+        eval_samples=cfg.grpo_eval_samples,
+        eval_metric=cfg.grpo_eval_metric,
+        eval_batch_size=cfg.eval_batch_size,
+        patience=cfg.grpo_patience,
+        load_best_at_end=cfg.grpo_select == "best",
     )
     reward = None
     if cfg.reward == "hit":
@@ -268,7 +275,7 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
 
         eos = model.tokenizer.eos_token_id
         reward = HitReward(beam_decoder(catalogue_trie(dataset.items, pb)), eos_id=eos)
-    return GRPOTrainer(model, grpo_cfg, train, reward=reward).train()
+    return GRPOTrainer(model, grpo_cfg, train, reward=reward, valid_data=valid).train()
 
 
 def evaluate_models(
@@ -365,7 +372,13 @@ def merge_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
 # ----------------------------------------------------------------------------- main flow
 def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
     """Run the configured stages; returns the evaluation records (empty without eval)."""
-    from ..eval.report import group_gain_table, make_plots, results_table, write_report
+    from ..eval.report import (
+        group_gain_table,
+        grpo_selection_summary,
+        make_plots,
+        results_table,
+        write_report,
+    )
 
     rank, world = init_distributed()
     say = print_fn if rank == 0 else (lambda *a, **k: None)
@@ -447,6 +460,10 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
         logs = merge_logs(out, ["sft", "sft_baseline", "grpo"])
         gains = group_gain_table(records, "w/o reasoning", "LatentR3") if "grpo" in to_eval else []
         plots, note = make_plots(out, logs, [r for r in records if r["stage"] != "popularity"])
+        val_path = out / "grpo" / "validation.json"
+        grpo_val = None
+        if "grpo" in to_eval and val_path.is_file():
+            grpo_val = json.loads(val_path.read_text(encoding="utf-8"))
         timings["total"] = time.perf_counter() - t0
         write_report(
             out / "report.md",
@@ -457,9 +474,12 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
             plots=plots,
             notes=[note] if note else [],
             latent_usage=usage,
+            grpo_validation=grpo_val,
         )
         say("")
         say(results_table(records))
+        if grpo_val:
+            say(grpo_selection_summary(grpo_val))
         for name, u in usage.items():
             say(
                 f"latent swap test, {name}: validation NLL {u['nll']:.4f} own latent vs "

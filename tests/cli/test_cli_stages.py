@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 
+import torch
 import yaml
 from conftest import run_cli
 from safetensors.torch import load_file
@@ -74,9 +75,58 @@ def test_each_stage_alone_then_eval_writes_every_output(staged_run):
     assert {"sft_loss.png", "grpo_reward.png", "metrics.png"} <= {p.name for p in pngs}
     for p in pngs:
         assert p.read_bytes()[:8] == PNG_MAGIC, p
+    # GRPO validation (--max-steps 2: steps 0, 1, 2): the kept step is the curve's best and
+    # the report and the printout name it
+    _check_grpo_selection(out, "best")
+    sel = json.loads((out / "grpo" / "validation.json").read_text())["selected_step"]
+    assert f"LatentR3 = GRPO step {sel} of 2" in report
+    assert "| step | reward | NLL |" in report
+    assert f"LatentR3 = GRPO step {sel} of 2" in results["eval"].stdout
     # the results table is printed, no traceback anywhere
     assert "LatentR3" in results["eval"].stdout and "HR@10" in results["eval"].stdout
     assert all("Traceback" not in r.stderr for r in results.values())
+
+
+def _ratt_weights(path):
+    return load_file(str(path))
+
+
+def _check_grpo_selection(out, selection: str) -> None:
+    """grpo/model's LatentRATT holds the weights of the step validation.json names: step 0 =
+    the SFT model's, the last step = the final checkpoint's, another = the checkpoint's
+    stored best weights."""
+    val = json.loads((out / "grpo" / "validation.json").read_text())
+    assert val["selection"] == selection and val["metric"] == "reward"
+    curve = val["curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2] and val["last_step"] == 2
+    best = max(curve, key=lambda c: c["val_reward"])["step"]  # the first of equal values
+    assert val["best_step"] == best
+    assert val["selected_step"] == (best if selection == "best" else 2)
+    got = _ratt_weights(out / "grpo" / "model" / "latent_ratt.safetensors")
+    ckpt = out / "grpo" / "checkpoints" / "step-00000002"
+    if val["selected_step"] == 0:
+        want = _ratt_weights(out / "sft" / "model" / "latent_ratt.safetensors")
+    elif val["selected_step"] == 2:
+        want = _ratt_weights(ckpt / "model" / "model.safetensors")
+    else:
+        want = _ratt_weights(ckpt / "best_weights.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_grpo_select_last_is_the_reference(staged_run, tmp_path):
+    """``--grpo-select last``: the same curve, but grpo/model is the last step's."""
+    out = tmp_path / "run"
+    shutil.copytree(staged_run[0], out)
+    shutil.rmtree(out / "grpo")
+    res = run_cli(
+        ["--stage", "grpo", "--resume", "--output-dir", str(out), "--grpo-select", "last"]
+    )
+    assert res.returncode == 0, res.describe()
+    _check_grpo_selection(out, "last")
+    ref = json.loads((staged_run[0] / "grpo" / "validation.json").read_text())["curve"]
+    got = json.loads((out / "grpo" / "validation.json").read_text())["curve"]
+    assert [c["val_reward"] for c in got] == [c["val_reward"] for c in ref]
 
 
 def test_resume_of_a_finished_stage_does_not_retrain(staged_run, tmp_path):

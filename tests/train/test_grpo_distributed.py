@@ -35,6 +35,7 @@ def _cfg(micro: int) -> GRPOConfig:
         max_grad_norm=0.05,  # the clip is active: the GLOBAL norm must be used on every rank
         progress=False,
         seed=11,
+        eval_batch_size=2,
     )
 
 
@@ -53,15 +54,23 @@ def _run_inner(micro: int) -> dict[str, torch.Tensor]:
     torch.set_flush_denormal(True)
     ds, tok, builder, model = tiny_setup(hidden=32)
     samples = varied_samples(ds, builder, 16)
-    tr = GRPOTrainer(model, _cfg(micro), samples)
+    # 5 validation rows in batches of 2: rank 0 scores 2 batches, rank 1 one
+    tr = GRPOTrainer(model, _cfg(micro), samples, valid_data=samples[11:16])
     out = tr.compute_gradients(0)
     res = {"rewards": out["rewards"], "adv": out["advantages"]}
     res.update({f"grad.{n}": p.grad.clone() for n, p in model.ratt.named_parameters()})
+    res["val0"] = _val(tr)
     mets = tr.train_rollout(0)  # a full optimizer step (all-reduce + global clip + AdamW)
+    res["val1"] = _val(tr)
     res.update({f"param.{n}": p.detach().clone() for n, p in model.ratt.named_parameters()})
     res["grad_norm"] = torch.tensor(mets[0]["grad_norm"])
     res["reward_clean_mean"] = torch.tensor(mets[0]["reward_clean_mean"])
     return res
+
+
+def _val(tr) -> torch.Tensor:
+    v = tr.validate()
+    return torch.tensor([v["reward"], v["nll"], v["rows"]], dtype=torch.float64)
 
 
 def _worker(rank: int, world: int, port: int, path: str, sys_path: list[str]) -> None:
@@ -102,8 +111,12 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(glob, single[key], atol=1e-6, rtol=1e-6, msg=key)
     assert single["adv"].abs().sum() > 0
     for key in single:
-        if key.startswith(("grad.", "param.")) or key in ("grad_norm", "reward_clean_mean"):
+        if key.startswith(("grad.", "param.", "val")) or key in ("grad_norm", "reward_clean_mean"):
             for r in range(2):
                 torch.testing.assert_close(
                     ranks[r][key], single[key], atol=1e-6, rtol=1e-5, msg=f"{key} rank {r}"
                 )
+    # validation: every rank gets the same values bit for bit (same keep/stop decision)
+    for key in ("val0", "val1"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        assert ranks[0][key][2] == 5
