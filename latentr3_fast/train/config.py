@@ -20,9 +20,9 @@ from ..errors import ConfigError
 
 STAGES = ("sft", "grpo", "eval", "all")
 
-# Settings of the embedded default (synthetic catalogue + tiny backbone trained from scratch on
-# CPU). They apply only when --data synthetic and no --model are used, and only to options the
-# user did not set; the reference hyperparameters (SPEC) stay the defaults for real backbones.
+# The tiny-backbone profile (a tiny Qwen2 trained from scratch on CPU). It applies whenever no
+# --model is given, whatever the data (synthetic or real), and only to options the user did not
+# set; the reference hyperparameters (SPEC) stay the defaults for pretrained backbones.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     "sft_lr": 3e-3,
     "sft_batch_size": 32,
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: the embedded default (synthetic catalogue, tiny Qwen2, CPU).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
-        epilog="The embedded default (--data synthetic without --model) replaces these "
+        epilog="Without --model (the tiny backbone, on any data) these replace the "
         "defaults, for options you do not set: "
         + ", ".join(f"--{_flag(k)} {v}" for k, v in EMBEDDED_DEFAULTS.items()),
     )

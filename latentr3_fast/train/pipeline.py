@@ -31,13 +31,18 @@ LATENT_USAGE_ROWS = 1000  # validation rows of the CLI's latent swap test
 RUN_MARKERS = ("metrics.json", "sft", "sft_baseline", "grpo")  # config.yaml alone: a failed start
 
 
-def is_embedded_default(cfg: RunConfig) -> bool:
-    return cfg.data == "synthetic" and cfg.model is None
+def uses_tiny_backbone(cfg: RunConfig) -> bool:
+    """True when no --model is given: the tiny backbone is trained from scratch."""
+    return cfg.model is None
 
 
 def apply_embedded_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
-    """Replace the reference defaults by the embedded-default ones for options not given."""
-    if not is_embedded_default(cfg):
+    """Replace the reference defaults by the tiny-backbone profile for options not given.
+
+    The profile is what makes a from-scratch tiny model train at all (the reference's lr 3e-4
+    and batch 128 are tuned for a pretrained 1.5B model); it applies to ANY data, real or
+    synthetic, whenever the backbone is the tiny one."""
+    if not uses_tiny_backbone(cfg):
         return cfg
     updates = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given}
     return dataclasses.replace(cfg, **updates)
