@@ -67,6 +67,7 @@ from .common import (
     progress_bar,
     save_checkpoint,
 )
+from .interrupt import TrainingInterrupted, deferred_interrupts, interrupt_requested
 from .rewards import RewardFunction, RewardResult, Rollout, RolloutPerplexityReward, make_reward
 
 __all__ = [
@@ -839,6 +840,8 @@ class GRPOTrainer:
         bar = progress_bar(
             self.total_steps, desc="grpo", enabled=cfg.progress and main, initial=self.global_step
         )
+        interrupts = deferred_interrupts()  # Ctrl-C/SIGTERM: finish the rollout, checkpoint
+        interrupts.__enter__()
         try:
             while self.global_step < stop:
                 for met in self.train_rollout():
@@ -859,7 +862,15 @@ class GRPOTrainer:
                     and self.global_step < stop
                 ):
                     self.save_checkpoint()
+                if interrupt_requested():
+                    saved = self.save_checkpoint() if self.out_dir is not None else None
+                    where = f"checkpoint saved in {self.out_dir}" if saved else "no checkpoint"
+                    raise TrainingInterrupted(
+                        f"GRPO interrupted after step {self.global_step}: {where} "
+                        "(--resume continues from it)"
+                    )
         finally:
+            interrupts.__exit__(None, None, None)
             bar.close()
             logger.close()
         if self.out_dir is not None:
