@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
+        print(f"\ninterrupted: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         where = f" in {cfg.output_dir}" if cfg is not None else ""
         print(
-            f"interrupted: finished stages and checkpoints written so far are kept{where} "
+            f"\ninterrupted: finished stages and checkpoints written so far are kept{where} "
             "(--resume continues)",
             file=sys.stderr,
         )

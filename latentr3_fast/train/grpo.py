@@ -67,7 +67,12 @@ from .common import (
     progress_bar,
     save_checkpoint,
 )
-from .interrupt import TrainingInterrupted, deferred_interrupts, interrupt_requested
+from .interrupt import (
+    TrainingInterrupted,
+    deferred_interrupts,
+    honour_interrupt,
+    interrupt_requested,
+)
 from .rewards import RewardFunction, RewardResult, Rollout, RolloutPerplexityReward, make_reward
 
 __all__ = [
@@ -863,6 +868,7 @@ class GRPOTrainer:
                 ):
                     self.save_checkpoint()
                 if interrupt_requested():
+                    honour_interrupt()
                     saved = self.save_checkpoint() if self.out_dir is not None else None
                     where = f"checkpoint saved in {self.out_dir}" if saved else "no checkpoint"
                     raise TrainingInterrupted(

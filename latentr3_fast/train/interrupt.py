@@ -21,10 +21,12 @@ __all__ = [
     "install_handlers",
     "deferred_interrupts",
     "interrupt_requested",
+    "honour_interrupt",
 ]
 
 _active = 0  # depth of deferred_interrupts() blocks
 _requested: int | None = None  # the signal number received inside a block
+_honoured = False  # a trainer saw the request and is checkpointing before it raises
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -33,7 +35,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def _handler(signum: int, frame: object) -> None:
     global _requested
-    if _active and _requested is None:
+    if _active and _requested is None and not _honoured:
         _requested = signum
         name = signal.Signals(signum).name
         print(
@@ -58,7 +60,7 @@ def install_handlers() -> None:
 def deferred_interrupts() -> Iterator[None]:
     """Within this block a first signal is deferred until the trainer polls
     :func:`interrupt_requested` at a step boundary."""
-    global _active, _requested
+    global _active, _requested, _honoured
     _active += 1
     pending = None
     try:
@@ -66,9 +68,17 @@ def deferred_interrupts() -> Iterator[None]:
     finally:
         _active -= 1
         if _active == 0:
-            pending, _requested = _requested, None
+            pending = _requested if not _honoured else None
+            _requested, _honoured = None, False
     if pending is not None:  # arrived after the trainer's last poll: honour it now
         raise KeyboardInterrupt
+
+
+def honour_interrupt() -> None:
+    """Called by a trainer that acts on the request (checkpoint, then TrainingInterrupted):
+    a further signal now stops at once."""
+    global _honoured
+    _honoured = True
 
 
 def interrupt_requested() -> bool:

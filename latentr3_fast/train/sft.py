@@ -57,7 +57,12 @@ from .common import (
     save_model_weights,
     seed_everything,
 )
-from .interrupt import TrainingInterrupted, deferred_interrupts, interrupt_requested
+from .interrupt import (
+    TrainingInterrupted,
+    deferred_interrupts,
+    honour_interrupt,
+    interrupt_requested,
+)
 
 __all__ = ["SFTConfig", "SFTResult", "SFTTrainer", "rank_share", "sft_loss"]
 
@@ -630,6 +635,7 @@ class SFTTrainer:
                     if at_epoch_end or done or saving:
                         self.save_checkpoint()
                     if self._interrupt_requested():
+                        honour_interrupt()
                         if not (at_epoch_end or done or saving):
                             self.save_checkpoint()
                         where = f"checkpoint saved in {self.out}" if self.out else "no output dir"
