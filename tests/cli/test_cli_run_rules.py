@@ -48,6 +48,14 @@ def test_stage_eval_reevaluates_and_overwrite_replaces_only_its_stage(staged_run
     assert _digest(out / "sft" / "model" / "model.safetensors") == sft_w
     assert _digest(out / "grpo" / "model" / "latent_ratt.safetensors") == grpo_w
 
+    # the timing table covers the whole run: every stage of the earlier invocations
+    report = (out / "report.md").read_text()
+    for stage in ("data", "sft", "grpo", "eval", "total"):
+        assert f"| {stage} | " in report, stage
+    # the help says which split RecBole data get
+    res = run_cli(["--help"], tiny=False, timeout=60)
+    assert "global temporal 80/10/10" in res.stdout and "not leave-one-out" in res.stdout
+
     # --stage grpo --overwrite replaces grpo/ only: sft/ and the evaluation stay
     marker = out / "grpo" / "old-file"
     marker.write_text("x")
