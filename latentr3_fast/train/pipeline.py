@@ -89,11 +89,11 @@ def load_data(cfg: RunConfig):
             ds.category = cfg.category
         return ds
     if cfg.data.startswith("recbole:"):
-        target = Path(cfg.data[len("recbole:") :])
+        target = Path(cfg.data[len("recbole:") :]).expanduser()
         if not target.parent.is_dir():
             raise DataError(f"--data {cfg.data}: directory {target.parent} does not exist")
         return load_recbole(target.parent, target.name, category=cfg.category)
-    path = Path(cfg.data)
+    path = Path(cfg.data).expanduser()
     if not path.is_dir():
         raise DataError(f"--data {cfg.data}: not a directory (expected DIR/{{train,valid,test}}/)")
     return load_dataset(path, cfg.category)
