@@ -13,6 +13,8 @@ import time
 
 from conftest import TINY, cli_env, run_cli
 
+from latentr3_fast.data import make_synthetic
+
 
 def _digest(path):
     import hashlib
@@ -34,11 +36,17 @@ def test_stage_eval_reevaluates_and_overwrite_replaces_only_its_stage(staged_run
     grpo_w = _digest(out / "grpo" / "model" / "latent_ratt.safetensors")
     (out / "metrics.json").write_text("[]")  # marks the old evaluation
 
-    # a finished run: --stage eval just re-evaluates (no flag needed), the models stay
-    res = run_cli(["--stage", "eval", "--output-dir", str(out)])
+    # a finished run: --stage eval just re-evaluates (no flag needed), the models stay;
+    # --exclude-seen (not model-shaping) drops each row's history titles from its predictions
+    res = run_cli(["--stage", "eval", "--output-dir", str(out), "--exclude-seen"])
     assert res.returncode == 0, res.describe()
     assert json.loads((out / "metrics.json").read_text())  # rewritten
     assert _digest(out / "sft" / "model" / "model.safetensors") == sft_w
+    ds = make_synthetic(num_items=60, num_users=80, seed=42)  # TINY's data
+    preds = [json.loads(x) for x in (out / "predictions-sft-D3.jsonl").read_text().splitlines()]
+    assert len(preds) == 8
+    for p in preds:
+        assert not set(p["pred_titles"]) & set(ds.test[p["row"]].history_titles), p
 
     # --stage eval --overwrite (the hint users followed) deletes no other stage's outputs
     (out / "metrics.json").write_text("[]")
