@@ -5,6 +5,7 @@ dataset's ground-truth answer after prompt + completion, scored by the policy it
 ``latentr3_fast.reward.make_trl_reward`` (fused LM head, shared prompt KV cache, no decoding of
 the answer, no verifier).
 
+    pip install ".[trl]"    # trl and datasets
     python examples/trl_grpo_reward.py [--steps 2] [--conversational]
 
 Swap the tiny model for a real one (``AutoModelForCausalLM.from_pretrained(...)`` and its

@@ -6,9 +6,10 @@ field (``title``, or any field whose name ends in ``title``, e.g. ``movie_title:
 
 Per user, interactions are sorted by time (stable); every position i >= 1 yields a sample with the
 previous <= 10 items; all samples are sorted by target timestamp (stable) and split at
-``int(0.8 n)`` / ``int(0.9 n)``. Item ids are 0..n-1 in order of first appearance in ``.item``
-among the items that occur in ``.inter``. Interactions whose item has no title are dropped with
-a warning that counts them.
+``int(0.8 n)`` / ``int(0.9 n)``: a global temporal split (the paper's), not RecBole's
+leave-one-out. Item ids are 0..n-1 in order of first appearance in ``.item`` among the items
+that occur in ``.inter``; ``dataset.items.tokens[i]`` is item i's RecBole ``item_id`` token.
+Interactions whose item has no title are dropped with a warning that counts them.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def load_recbole(
         train=train,
         valid=valid,
         test=test,
-        items=ItemCatalog(titles),
+        items=ItemCatalog(titles, tokens=kept),
         category=category or name,
         name=name,
     )

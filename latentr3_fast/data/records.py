@@ -37,14 +37,23 @@ class Sample:
 class ItemCatalog:
     """Item id -> title, and title -> every id with that title (titles are not unique).
 
-    ``titles[i]`` is the title of item ``i``; ids are ``0..len(titles)-1``.
+    ``titles[i]`` is the title of item ``i``; ids are ``0..len(titles)-1``. ``tokens[i]``
+    (optional) is the item's id in the source data, e.g. RecBole's ``item_id`` token.
     """
 
-    def __init__(self, titles: Iterable[str]) -> None:
+    def __init__(self, titles: Iterable[str], tokens: Iterable[str] | None = None) -> None:
         self.titles: list[str] = list(titles)
         self.ids_by_title: dict[str, list[int]] = {}
         for i, t in enumerate(self.titles):
             self.ids_by_title.setdefault(t, []).append(i)
+        self.tokens: list[str] | None = None if tokens is None else [str(t) for t in tokens]
+        self.id_by_token: dict[str, int] = {}
+        if self.tokens is not None:
+            if len(self.tokens) != len(self.titles):
+                raise DataError(
+                    f"ItemCatalog: {len(self.tokens)} tokens for {len(self.titles)} titles"
+                )
+            self.id_by_token = {t: i for i, t in enumerate(self.tokens)}
 
     def __len__(self) -> int:
         return len(self.titles)
@@ -55,6 +64,10 @@ class ItemCatalog:
     def title(self, i: int) -> str:
         """Title of item id ``i``."""
         return self.titles[i]
+
+    def token(self, i: int) -> str | None:
+        """The source-data id of item ``i`` (None when the catalogue has none)."""
+        return None if self.tokens is None else self.tokens[i]
 
     def ids(self, title: str) -> list[int]:
         """All item ids whose title is exactly ``title`` (empty list if none)."""

@@ -2,13 +2,20 @@
 
 Byte-level like Qwen's, so every string encodes and the quote of a target merges with the
 title exactly as a real BPE may do; EOS is ``<|endoftext|>`` and pad = EOS (as for Qwen).
+
+Its normalizer and pre-tokenizer are exactly Qwen2's (NFC, Qwen2's split regex, byte level
+without its own regex). The tiny backbone is a Qwen2 model, and for ``model_type == "qwen2"``
+``AutoTokenizer`` always rebuilds a ``Qwen2Tokenizer`` from the saved vocabulary and merges
+with those components, whatever ``tokenizer_config.json`` says. With the same components, a
+saved model directory loads with ``AutoTokenizer.from_pretrained`` into a tokenizer that gives
+the ids the model was trained with.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import ConfigError
@@ -18,6 +25,12 @@ from .records import RecDataset, category_word
 __all__ = ["EOS_TOKEN", "train_tokenizer", "dataset_corpus"]
 
 EOS_TOKEN = "<|endoftext|>"
+
+# transformers' Qwen2Tokenizer split regex (Qwen2.5's tokenizer.json has the same pattern).
+QWEN2_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -29,7 +42,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     if vocab_size < 258:
         raise ConfigError(f"vocab_size={vocab_size}: must be >= 258 (256 bytes + EOS + merges)")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

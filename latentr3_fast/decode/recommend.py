@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from latentr3_fast.errors import ConfigError, DataError
@@ -123,22 +124,29 @@ def recommend(
     prompt_builder: Any = None,
     backend: str = "auto",
     stop_rule: str = "reference",
+    exclude_seen: bool = False,
 ) -> list[list[dict[str, Any]]]:
     """Top-k catalogue items per user from raw history titles (or item ids).
 
     Args:
         reasoner: a LatentReasoner.
-        histories: per user, the history (oldest first) as titles, or as item ids of
-            ``catalog``.
+        histories: per user, the history (oldest first). Each entry is an item id of
+            ``catalog`` (a Python or numpy integer), a title of the catalogue, or, when the
+            catalogue came from RecBole, an ``item_id`` token of its ``.inter`` file (a string
+            that is not a title; a title wins when a string is both). Other strings are used
+            as free-text titles.
         k: items per user. With beam search ``num_beams`` defaults to ``max(k, 10)``.
         catalog: an ItemCatalog or a RecDataset (then ``category`` defaults to its category).
         category: the category word/name used in the prompt.
         length_penalty: 0.0 (D3) or 1.0 (BIGRec).
         rank: ``"beam"`` or ``"exact"`` (full-catalogue scoring).
         stop_rule: beam stopping rule, ``"reference"`` or ``"exact"`` (see ``beam_search``).
+        exclude_seen: drop items whose title is in the user's history (the reference keeps
+            them); the search then looks at ``k`` + history-length more candidates.
     Returns:
         per user a list of ``{"item_ids": [...], "title": str, "score": float}``, best first
-        (one entry per distinct title; items sharing a title are listed together).
+        (one entry per distinct title; items sharing a title are listed together); with a
+        RecBole catalogue also ``"item_tokens"``: the RecBole ids of ``item_ids``.
     """
     from latentr3_fast.data import Sample
 
@@ -151,28 +159,24 @@ def recommend(
         prompt_builder = default_prompt_builder(reasoner, category)
     if k < 1:
         raise ConfigError(f"recommend: k={k} must be >= 1")
-    beams = max(k, 10) if num_beams is None else int(num_beams)
     trie = catalogue_trie(items, prompt_builder)
     out: list[list[dict[str, Any]]] = []
     titles_all = list(items.titles)
+    tokens = getattr(items, "tokens", None)
     for a in range(0, len(histories), batch_size):
-        encoded = []
+        encoded, seen = [], []
         for u, hist in enumerate(histories[a : a + batch_size], start=a):
-            titles = []
-            for h in hist:
-                if isinstance(h, str):
-                    titles.append(h)
-                elif isinstance(h, int) and 0 <= h < len(titles_all):
-                    titles.append(titles_all[h])
-                else:
-                    raise DataError(f"histories[{u}]: {h!r} is neither a title nor an item id")
+            titles = tuple(history_title(items, h, f"histories[{u}]") for h in hist)
+            seen.append(set(titles) if exclude_seen else set())
             # a dummy target: encode() then left-truncates the prompt exactly as in training
-            encoded.append(prompt_builder.encode(Sample((), tuple(titles), 0, "")))
+            encoded.append(prompt_builder.encode(Sample((), titles, 0, "")))
+        want = k + (max(len(x) for x in seen) if exclude_seen else 0)
+        beams = max(want, 10) if num_beams is None else max(int(num_beams), want)
         res = rank_batch(
             reasoner,
             encoded,
             trie,
-            k=k,
+            k=want,
             num_beams=beams,
             length_penalty=length_penalty,
             rank=rank,
@@ -182,9 +186,35 @@ def recommend(
         scores = res.scores.float().cpu().tolist()
         for row in range(len(encoded)):
             recs = []
-            for j, ids in enumerate(res.item_ids[row][:k]):
-                if not ids:
+            for j, ids in enumerate(res.item_ids[row]):
+                if not ids or titles_all[ids[0]] in seen[row]:
                     continue
-                recs.append({"item_ids": ids, "title": titles_all[ids[0]], "score": scores[row][j]})
+                rec = {"item_ids": ids, "title": titles_all[ids[0]], "score": scores[row][j]}
+                if tokens is not None:
+                    rec["item_tokens"] = [tokens[i] for i in ids]
+                recs.append(rec)
+                if len(recs) == k:
+                    break
             out.append(recs)
     return out
+
+
+def history_title(items: Any, entry: Any, where: str) -> str:
+    """The title of one history entry: an item id (int or numpy integer), a catalogue title,
+    a source-data token (RecBole ``item_id``) or a free-text title."""
+    titles = items.titles
+    if isinstance(entry, str):
+        if entry in items.ids_by_title:
+            return entry
+        by_token = getattr(items, "id_by_token", None) or {}
+        if entry in by_token:
+            return titles[by_token[entry]]
+        return entry
+    if isinstance(entry, (int, np.integer)) and not isinstance(entry, (bool, np.bool_)):
+        if 0 <= int(entry) < len(titles):
+            return titles[int(entry)]
+        raise DataError(f"{where}: item id {int(entry)} is outside 0..{len(titles) - 1}")
+    raise DataError(
+        f"{where}: {entry!r} ({type(entry).__name__}) is neither an item id, a title nor an "
+        "item token"
+    )

@@ -130,6 +130,8 @@ def evaluate_scorings(
     predictions_paths: Sequence[str | Path] | None = None,
     progress: bool = True,
     stop_rule: str = "reference",
+    desc: str | None = None,
+    exclude_seen: bool = False,
 ) -> list[EvalResult]:
     """:func:`evaluate` under several length penalties (one EvalResult each, same order).
 
@@ -138,7 +140,12 @@ def evaluate_scorings(
     runs once per penalty, since the penalty steers the search.
 
     Args:
-        predictions_paths: one JSON-lines path per penalty (or None).
+        predictions_paths: one JSON-lines path per penalty (or None). When the catalogue has
+            source ids (RecBole tokens) the records also carry ``target_token`` and
+            ``pred_item_tokens``.
+        desc: progress-bar label (e.g. the model's name).
+        exclude_seen: drop predictions whose title is in the row's history before ranking
+            (the reference keeps them; with beam search fewer than ``num_beams`` may remain).
     """
     from latentr3_fast.decode.recommend import (
         catalogue_trie,
@@ -174,7 +181,8 @@ def evaluate_scorings(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(samples), desc=f"eval {split} ({rank})", leave=False)
+        label = f"eval {desc} {split} ({rank})" if desc else f"eval {split} ({rank})"
+        bar = tqdm(total=len(samples), desc=label, leave=False)
     try:
         index = None
         if rank == "ground":  # BIGRec: free generation grounded by title embeddings
@@ -203,7 +211,7 @@ def evaluate_scorings(
                     stop_rule=stop_rule,
                 )
             for j, res in enumerate(results):
-                _record_rows(preds[j], res, idx, samples, titles)
+                _record_rows(preds[j], res, idx, samples, titles, exclude_seen, dataset.items)
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -244,12 +252,25 @@ def evaluate_scorings(
     return out
 
 
-def _record_rows(preds: list, res: Any, idx: list[int], samples: list, titles: list) -> None:
+def _record_rows(
+    preds: list,
+    res: Any,
+    idx: list[int],
+    samples: list,
+    titles: list,
+    exclude_seen: bool = False,
+    items: Any = None,
+) -> None:
     """Per-row prediction records of one ranked batch (rows ``idx`` of ``samples``)."""
     scores = res.scores.float().cpu().tolist()
+    tokens = getattr(items, "tokens", None)
     for row, i in enumerate(idx):
         s = samples[i]
-        ids = [it for it in res.item_ids[row] if it]
+        kept = [(it, sc) for it, sc in zip(res.item_ids[row], scores[row]) if it]
+        if exclude_seen:
+            seen = set(s.history_titles)
+            kept = [(it, sc) for it, sc in kept if titles[it[0]] not in seen]
+        ids = [it for it, _ in kept]
         pred_titles = [titles[it[0]] for it in ids]
         preds[i] = {
             "row": i,
@@ -259,5 +280,8 @@ def _record_rows(preds: list, res: Any, idx: list[int], samples: list, titles: l
             "rank": first_hit_rank(pred_titles, s.target_title),
             "pred_titles": pred_titles,
             "pred_item_ids": ids,
-            "scores": scores[row][: len(ids)],
+            "scores": [sc for _, sc in kept],
         }
+        if tokens is not None:  # the source data's own ids (RecBole item_id tokens)
+            preds[i]["target_token"] = tokens[s.target_id]
+            preds[i]["pred_item_tokens"] = [[tokens[t] for t in it] for it in ids]

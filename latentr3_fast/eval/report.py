@@ -10,7 +10,6 @@ Results are a list of flat records, one per (model, scoring)::
 from __future__ import annotations
 
 import json
-import math
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,7 +70,7 @@ def group_gain_table(
             n = vals.get(metric)
             if b is None or n is None:
                 continue
-            gain = (n - b) / b if b > 0 else math.inf if n > 0 else 0.0
+            gain = (n - b) / b if b > 0 else None  # no relative gain over a zero baseline
             out.append(
                 {"scoring": scoring, "group": group, "base": b, "new": n, "relative_gain": gain}
             )
@@ -110,12 +109,16 @@ def write_report(
     notes: Sequence[str] = (),
     latent_usage: dict[str, dict[str, Any]] | None = None,
     grpo_validation: dict[str, Any] | None = None,
+    below_popularity: Sequence[str] = (),
 ) -> None:
     """Write ``report.md``: results, the GRPO step evaluated as LatentR3 and its validation
     curve, popularity gains, latent swap test, timings, plots, environment, config.
     ``latent_usage`` maps a model name to ``LatentUsage.as_dict()``; ``grpo_validation`` is
-    the GRPO trainer's ``validation.json``."""
+    the GRPO trainer's ``validation.json``; ``below_popularity`` are sentences about models
+    that rank below the popularity row."""
     lines = ["# LatentR3 run report", "", "## Results", "", results_table(results, markdown=True)]
+    if below_popularity:
+        lines += ["", "**Below the popularity baseline.** " + " ".join(below_popularity)]
     if grpo_validation:
         lines += ["", "## GRPO: the step evaluated as LatentR3", ""]
         lines += grpo_validation_lines(grpo_validation)
@@ -123,9 +126,10 @@ def write_report(
         lines += ["", "## Popular vs unpopular items (relative gain)", ""]
         lines += ["| scoring | group | base | new | gain |", "|---|---|---|---|---|"]
         for g in gains:
+            gain = g["relative_gain"]
+            shown = "n/a (base is 0)" if gain is None else f"{gain:+.1%}"
             lines.append(
-                f"| {g['scoring']} | {g['group']} | {g['base']:.4f} | {g['new']:.4f} | "
-                f"{g['relative_gain']:+.1%} |"
+                f"| {g['scoring']} | {g['group']} | {g['base']:.4f} | {g['new']:.4f} | {shown} |"
             )
     if latent_usage:
         lines += ["", "## Does the latent carry per-sample information? (swap test)", ""]
@@ -141,7 +145,17 @@ def write_report(
                 f"| {name} | {u['nll']:.4f} | {u['nll_swapped']:.4f} | "
                 f"{100 * u['relative_gap']:+.2f} % |"
             )
-    lines += ["", "## Timings (seconds)", "", "| stage | seconds |", "|---|---|"]
+        lines.append("")
+        for name, u in latent_usage.items():
+            lines.append(f"- {name}: {swap_gap_words(u['relative_gap'])}")
+    lines += ["", "## Timings (seconds)", ""]
+    lines += [
+        "Summed over every invocation of this run (a resumed stage adds its time to the "
+        "earlier part); `total` is their sum.",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
@@ -195,6 +209,26 @@ def grpo_validation_lines(v: dict[str, Any]) -> list[str]:
         mark = "**kept**" if c["step"] == v["selected_step"] else ""
         lines.append(f"| {c['step']} | {c['val_reward']:.4f} | {c['val_nll']:.4f} | {mark} |")
     return lines
+
+
+def swap_gap_words(gap: float) -> str:
+    """The swap test's relative gap in words (``gap`` = swapped/own NLL - 1)."""
+    pct = f"{100 * gap:+.2f} %"
+    if abs(gap) < 0.005:
+        return (
+            f"gap {pct}: the loss does not change when the latent of another row is used, so "
+            "the latent carries no information about this user; the model uses the thought "
+            "slot as one constant extra token."
+        )
+    if gap > 0:
+        return (
+            f"gap {pct}: another row's latent makes the target less likely, so the latent "
+            "carries information about this user."
+        )
+    return (
+        f"gap {pct}: another row's latent makes the target MORE likely; the latent hurts "
+        "(for example after a GRPO run that raised the validation loss)."
+    )
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -13,11 +13,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 bad input, 3 training failure)."""
     from ..errors import LatentR3Error, TrainingError
     from .config import load_config
+    from .interrupt import TrainingInterrupted, install_handlers
     from .pipeline import apply_embedded_defaults, run
 
-    cfg, given = load_config(argv)  # argparse exits with code 2 on unknown flags
     _quiet_hf()
+    install_handlers()  # Ctrl-C / SIGTERM during training: finish the step, checkpoint, stop
+    cfg = None
     try:
+        cfg, given = load_config(argv)  # argparse exits with code 2 on unknown flags
         cfg = apply_embedded_defaults(cfg, given)
         cfg.validate()
         run(cfg)
@@ -27,9 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     except LatentR3Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:
+        print(f"\ninterrupted: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
+        where = f" in {cfg.output_dir}" if cfg is not None else ""
         print(
-            "interrupted: checkpoints written so far are kept (--resume continues)", file=sys.stderr
+            f"\ninterrupted: finished stages and checkpoints written so far are kept{where} "
+            "(--resume continues)",
+            file=sys.stderr,
         )
         return 130
     return 0

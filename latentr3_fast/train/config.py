@@ -20,9 +20,9 @@ from ..errors import ConfigError
 
 STAGES = ("sft", "grpo", "eval", "all")
 
-# Settings of the embedded default (synthetic catalogue + tiny backbone trained from scratch on
-# CPU). They apply only when --data synthetic and no --model are used, and only to options the
-# user did not set; the reference hyperparameters (SPEC) stay the defaults for real backbones.
+# The tiny-backbone profile (a tiny Qwen2 trained from scratch on CPU). It applies whenever no
+# --model is given, whatever the data (synthetic or real), and only to options the user did not
+# set; the reference hyperparameters (SPEC) stay the defaults for pretrained backbones.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     "sft_lr": 3e-3,
     "sft_batch_size": 32,
@@ -49,7 +49,17 @@ class RunConfig:
     data: str = field(
         default="synthetic",
         metadata={
-            "help": "'synthetic' (embedded default), a standard-layout DIR, or recbole:DIR/NAME"
+            "help": "'synthetic' (embedded default), a standard-layout DIR (its own "
+            "train/valid/test files), or recbole:DIR/NAME (RecBole atomic files NAME.inter + "
+            "NAME.item, split by the global temporal 80/10/10 rule of the paper: all samples "
+            "sorted by target time, not leave-one-out)"
+        },
+    )
+    category: str | None = field(
+        default=None,
+        metadata={
+            "help": "category name for the prompt, e.g. 'movies' (default: from the data's "
+            "name: CDs_and_Vinyl -> musics; for recbole:DIR/NAME the NAME)"
         },
     )
     model: str | None = field(
@@ -66,6 +76,13 @@ class RunConfig:
         default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16"}
     )
     seed: int = field(default=42, metadata={"help": "seed of everything"})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads of this process (default: physical cores, at most the cores "
+            "this process may use, minus those busy with other processes; OMP_NUM_THREADS wins)"
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "continue a run in --output-dir"})
     overwrite: bool = field(
         default=False, metadata={"help": "replace a previous run in --output-dir"}
@@ -82,7 +99,8 @@ class RunConfig:
     save_steps: int | None = field(
         default=None,
         metadata={
-            "help": "checkpoint every N optimizer steps (default: SFT per epoch, GRPO at end)"
+            "help": "also checkpoint every N optimizer steps (always: SFT per epoch, GRPO at "
+            "end, and both on Ctrl-C/SIGTERM after the step in flight)"
         },
     )
     baseline: bool = field(
@@ -226,6 +244,13 @@ class RunConfig:
         metadata={"help": "beam | exact (full-catalogue teacher-forced) | ground (BIGRec L2)"},
     )
     eval_batch_size: int = field(default=16, metadata={"help": "prompts per evaluation batch"})
+    exclude_seen: bool = field(
+        default=False,
+        metadata={
+            "help": "drop items of the user's history from the ranked predictions (the "
+            "reference keeps them)"
+        },
+    )
 
     def validate(self) -> None:
         """Raise ConfigError naming the option when a value is out of range."""
@@ -267,6 +292,8 @@ class RunConfig:
         for name in ("grpo_eval_steps", "grpo_patience"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.num_latent < 0:
             raise ConfigError(f"--num-latent must be >= 0, got {self.num_latent}")
         if self.num_generations < 2 and self.stage in ("grpo", "all"):
@@ -328,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: the embedded default (synthetic catalogue, tiny Qwen2, CPU).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,
-        epilog="The embedded default (--data synthetic without --model) replaces these "
+        epilog="Without --model (the tiny backbone, on any data) these replace the "
         "defaults, for options you do not set: "
         + ", ".join(f"--{_flag(k)} {v}" for k, v in EMBEDDED_DEFAULTS.items()),
     )
@@ -373,8 +400,13 @@ def read_yaml_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config: file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: cannot be read ({exc})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path}: not valid YAML: {where}{what}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value")
     known = {f.name for f in dataclasses.fields(RunConfig)}

@@ -77,6 +77,12 @@ from .common import (
     progress_bar,
     save_checkpoint,
 )
+from .interrupt import (
+    TrainingInterrupted,
+    deferred_interrupts,
+    honour_interrupt,
+    interrupt_requested,
+)
 from .rewards import RewardFunction, RewardResult, Rollout, RolloutPerplexityReward, make_reward
 
 BEST_WEIGHTS = "best_weights"  # NAME.safetensors in a checkpoint: the best validated weights
@@ -905,6 +911,8 @@ class GRPOTrainer:
             self.total_steps, desc="grpo", enabled=cfg.progress and main, initial=self.global_step
         )
         k = self.eval_steps
+        interrupts = deferred_interrupts()  # Ctrl-C/SIGTERM: finish the rollout, checkpoint
+        interrupts.__enter__()
         try:
             if self.valid_data and self.last_eval_step < 0 and not self.stopped_early:
                 self.stopped_early = self._validate_and_track(logger)  # step 0: the start
@@ -935,7 +943,16 @@ class GRPOTrainer:
                     and not self.stopped_early
                 ):
                     self.save_checkpoint()
+                if interrupt_requested():
+                    honour_interrupt()
+                    saved = self.save_checkpoint() if self.out_dir is not None else None
+                    where = f"checkpoint saved in {self.out_dir}" if saved else "no checkpoint"
+                    raise TrainingInterrupted(
+                        f"GRPO interrupted after step {self.global_step}: {where} "
+                        "(--resume continues from it)"
+                    )
         finally:
+            interrupts.__exit__(None, None, None)
             bar.close()
             logger.close()
         finished = self.global_step >= self.total_steps or self.stopped_early

@@ -25,19 +25,26 @@ import torch
 
 from ..errors import ConfigError, DataError
 from .config import EMBEDDED_DEFAULTS, RunConfig, save_config
+from .rundir import RUN_MARKERS, load_timings, record_timing  # noqa: F401 (RUN_MARKERS: API)
+from .rundir import prepare_output_dir as _prepare_output_dir
+from .runtime import apply_threads, check_runtime
 
 MODEL_NAMES = {"sft_baseline": "w/o reasoning", "sft": "SFT only", "grpo": "LatentR3"}
 LATENT_USAGE_ROWS = 1000  # validation rows of the CLI's latent swap test
-RUN_MARKERS = ("metrics.json", "sft", "sft_baseline", "grpo")  # config.yaml alone: a failed start
 
 
-def is_embedded_default(cfg: RunConfig) -> bool:
-    return cfg.data == "synthetic" and cfg.model is None
+def uses_tiny_backbone(cfg: RunConfig) -> bool:
+    """True when no --model is given: the tiny backbone is trained from scratch."""
+    return cfg.model is None
 
 
 def apply_embedded_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
-    """Replace the reference defaults by the embedded-default ones for options not given."""
-    if not is_embedded_default(cfg):
+    """Replace the reference defaults by the tiny-backbone profile for options not given.
+
+    The profile is what makes a from-scratch tiny model train at all (the reference's lr 3e-4
+    and batch 128 are tuned for a pretrained 1.5B model); it applies to ANY data, real or
+    synthetic, whenever the backbone is the tiny one."""
+    if not uses_tiny_backbone(cfg):
         return cfg
     updates = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given}
     return dataclasses.replace(cfg, **updates)
@@ -70,42 +77,37 @@ def barrier() -> None:
 
 
 # ----------------------------------------------------------------------------- pieces
-def prepare_output_dir(cfg: RunConfig, rank: int) -> Path:
-    """Create the output dir; refuse one holding another run unless --resume or --overwrite."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output-dir {out}: exists and is not a directory")
-    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
-    if holds_run and not (cfg.resume or cfg.overwrite):
-        raise ConfigError(
-            f"--output-dir {out} already holds a run; pass --resume to continue it or "
-            "--overwrite to replace it"
-        )
-    if rank == 0:
-        if holds_run and cfg.overwrite and not cfg.resume:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    barrier()
-    return out
-
-
 def load_data(cfg: RunConfig):
     """The dataset named by --data (synthetic, a standard-layout dir, or recbole:DIR/NAME)."""
     from ..data import load_dataset, load_recbole, make_synthetic
 
     if cfg.data == "synthetic":
-        return make_synthetic(
+        ds = make_synthetic(
             num_items=cfg.synthetic_items, num_users=cfg.synthetic_users, seed=cfg.seed
         )
+        if cfg.category:
+            ds.category = cfg.category
+        return ds
     if cfg.data.startswith("recbole:"):
-        target = Path(cfg.data[len("recbole:") :])
+        target = Path(cfg.data[len("recbole:") :]).expanduser()
         if not target.parent.is_dir():
             raise DataError(f"--data {cfg.data}: directory {target.parent} does not exist")
-        return load_recbole(target.parent, target.name)
-    path = Path(cfg.data)
+        return load_recbole(target.parent, target.name, category=cfg.category)
+    path = Path(cfg.data).expanduser()
     if not path.is_dir():
         raise DataError(f"--data {cfg.data}: not a directory (expected DIR/{{train,valid,test}}/)")
-    return load_dataset(path)
+    return load_dataset(path, cfg.category)
+
+
+def prepare_output_dir(cfg: RunConfig, dataset: Any, rank: int) -> Path:
+    """Check --output-dir against the run rules of ``rundir`` (every rank), then let rank 0
+    delete what --overwrite replaces and write the fingerprint."""
+    _prepare_output_dir(cfg, dataset, write=False)
+    barrier()
+    if rank == 0:
+        _prepare_output_dir(cfg, dataset, write=True)
+    barrier()
+    return Path(cfg.output_dir)
 
 
 def build_model(cfg: RunConfig, dataset: Any, num_latent: int, tokenizer: Any = None):
@@ -302,6 +304,8 @@ def evaluate_models(
             batch_size=cfg.eval_batch_size,
             prompt_builder=prompt_builder(cfg, model, dataset),
             predictions_paths=[out / f"predictions-{stage}-{name}.jsonl" for name in names],
+            desc=MODEL_NAMES.get(stage, stage),
+            exclude_seen=cfg.exclude_seen,
         )
         for lp, scoring, res in zip(lps, names, results):
             rec = {"model": MODEL_NAMES.get(stage, stage), "stage": stage, "scoring": scoring}
@@ -331,24 +335,48 @@ def latent_usage_of(
     return out
 
 
-def popularity_baseline(dataset: Any, max_samples: int | None) -> dict[str, Any]:
-    """HR/NDCG of ranking items by train popularity (a sanity floor for every model)."""
+def popularity_baseline(
+    dataset: Any, max_samples: int | None, exclude_seen: bool = False
+) -> dict[str, Any]:
+    """HR/NDCG of ranking items by train popularity (a sanity floor for every model); with
+    ``exclude_seen`` each row's history titles are skipped, as for the models."""
     from ..eval import metrics_from_ranks
 
     order = sorted(range(len(dataset.popularity)), key=lambda i: -int(dataset.popularity[i]))
     titles = dataset.items.titles
-    top_titles = []
-    for i in order:  # distinct titles, in popularity order
+    top_titles: list[str] = []
+    for i in order:  # distinct titles, in popularity order (20 + room for a 10-item history)
         if titles[i] not in top_titles:
             top_titles.append(titles[i])
-        if len(top_titles) == 20:
+        if len(top_titles) == 30:
             break
     ranks = []
     for s in dataset.test[:max_samples]:
-        ranks.append(top_titles.index(s.target_title) if s.target_title in top_titles else None)
+        seen = set(s.history_titles) if exclude_seen else set()
+        ranked = [t for t in top_titles if t not in seen][:20]
+        ranks.append(ranked.index(s.target_title) if s.target_title in ranked else None)
     rec = {"model": "popularity", "stage": "popularity", "scoring": "-"}
     rec.update(metrics_from_ranks(ranks))
     return rec
+
+
+def below_popularity(records: list[dict[str, Any]], metric: str = "NDCG@10") -> list[str]:
+    """One sentence per (model, scoring) whose ``metric`` is below the popularity row's."""
+    pop = next((r for r in records if r.get("stage") == "popularity"), None)
+    if pop is None or pop.get(metric) is None:
+        return []
+    out = []
+    for r in records:
+        if r.get("stage") == "popularity" or r.get(metric) is None:
+            continue
+        if r[metric] < pop[metric]:
+            out.append(
+                f"{r['model']} ({r['scoring']}) is below the popularity baseline: {metric} "
+                f"{r[metric]:.4f} vs {pop[metric]:.4f}. It has not learned more than item "
+                "popularity: train longer (--sft-epochs), use a pretrained --model, or tune "
+                "--sft-lr."
+            )
+    return out
 
 
 def merge_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -382,21 +410,36 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
 
     rank, world = init_distributed()
     say = print_fn if rank == 0 else (lambda *a, **k: None)
-    # bad --data / --model paths fail BEFORE anything is written to --output-dir (a failed
-    # start must not leave a "run" there that blocks the corrected command)
+    # bad --data / --model / --device ... fail BEFORE any data loads or anything is written to
+    # --output-dir (a failed start must not leave a "run" there that blocks the next command)
     check_model_path(cfg)
+    check_runtime(cfg)
+    threads, why = apply_threads(cfg.threads)
+    say(f"threads: {threads} ({why}; --threads N to change)")
     torch.manual_seed(cfg.seed)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dataset = load_data(cfg)
-    timings["data"] = time.perf_counter() - t0
-    out = prepare_output_dir(cfg, rank)
+    data_s = time.perf_counter() - t0
+    out = prepare_output_dir(cfg, dataset, rank)
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, seconds: float, resumed: bool) -> None:
+        if rank == 0:
+            timings.update(record_timing(out, stage, seconds, resumed=resumed))
+
+    timed("data", data_s, resumed=False)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     say(
         f"data: {dataset.name} ({len(dataset.train)}/{len(dataset.valid)}/{len(dataset.test)} "
-        f"train/valid/test rows, {len(dataset.items)} items)"
+        f"train/valid/test rows, {len(dataset.items)} items, category {dataset.category!r})"
     )
+    if cfg.model is None:
+        say(
+            f"backbone: tiny Qwen2 ({cfg.tiny_layers} layer(s) x {cfg.tiny_hidden_size}) trained "
+            f"from scratch, tiny-backbone profile (--sft-lr {cfg.sft_lr:g}, --sft-batch-size "
+            f"{cfg.sft_batch_size}, --sft-epochs {cfg.sft_epochs:g}); --model for a pretrained LM"
+        )
     stages = ["sft", "grpo", "eval"] if cfg.stage == "all" else [cfg.stage]
     models: dict[str, Any] = {}
     tokenizer = None
@@ -409,7 +452,7 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
         run_sft(cfg, model, dataset, out / "sft")
         save_stage_model(model, out, "sft", rank)
         models["sft"] = model
-        timings["sft"] = time.perf_counter() - t
+        timed("sft", time.perf_counter() - t, cfg.resume)
         if cfg.stage == "all" and cfg.baseline and cfg.num_latent > 0:
             t = time.perf_counter()
             base = build_model(cfg, dataset, 0, tokenizer=_fresh_tokenizer(tokenizer))
@@ -417,7 +460,7 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
             run_sft(cfg, base, dataset, out / "sft_baseline")
             save_stage_model(base, out, "sft_baseline", rank)
             models["sft_baseline"] = base
-            timings["sft_baseline"] = time.perf_counter() - t
+            timed("sft_baseline", time.perf_counter() - t, cfg.resume)
         barrier()
 
     if "grpo" in stages:
@@ -434,7 +477,7 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
         run_grpo(cfg, model, dataset, out / "grpo")
         save_stage_model(model, out, "grpo", rank)
         models["grpo"] = model
-        timings["grpo"] = time.perf_counter() - t
+        timed("grpo", time.perf_counter() - t, cfg.resume)
         barrier()
 
     records: list[dict[str, Any]] = []
@@ -451,11 +494,11 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
                 f"--stage eval: no trained model in {out} (expected sft/model or grpo/model)"
             )
         records = evaluate_models(cfg, dataset, to_eval, out)
-        records.append(popularity_baseline(dataset, cfg.max_eval_samples))
+        records.append(popularity_baseline(dataset, cfg.max_eval_samples, cfg.exclude_seen))
         usage = latent_usage_of(cfg, dataset, to_eval)
         if usage:
             (out / "latent_usage.json").write_text(json.dumps(usage, indent=2), encoding="utf-8")
-        timings["eval"] = time.perf_counter() - t
+        timed("eval", time.perf_counter() - t, False)
         (out / "metrics.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
         logs = merge_logs(out, ["sft", "sft_baseline", "grpo"])
         gains = group_gain_table(records, "w/o reasoning", "LatentR3") if "grpo" in to_eval else []
@@ -464,7 +507,9 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
         grpo_val = None
         if "grpo" in to_eval and val_path.is_file():
             grpo_val = json.loads(val_path.read_text(encoding="utf-8"))
-        timings["total"] = time.perf_counter() - t0
+        timings = load_timings(out)
+        timings["total"] = sum(timings.values())
+        below = below_popularity(records)
         write_report(
             out / "report.md",
             records,
@@ -475,6 +520,7 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
             notes=[note] if note else [],
             latent_usage=usage,
             grpo_validation=grpo_val,
+            below_popularity=below,
         )
         say("")
         say(results_table(records))
@@ -485,7 +531,12 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
                 f"latent swap test, {name}: validation NLL {u['nll']:.4f} own latent vs "
                 f"{u['nll_swapped']:.4f} another row's ({100 * u['relative_gap']:+.2f} %)"
             )
-        say(f"\nresults, predictions and report.md in {out} ({timings['total']:.0f} s)")
+        for line in below:
+            say(f"note: {line}")
+        say(
+            f"\nresults, predictions and report.md in {out} ({time.perf_counter() - t0:.0f} s; "
+            "report.md times every invocation of this run)"
+        )
     return records
 
 

@@ -57,6 +57,12 @@ from .common import (
     save_model_weights,
     seed_everything,
 )
+from .interrupt import (
+    TrainingInterrupted,
+    deferred_interrupts,
+    honour_interrupt,
+    interrupt_requested,
+)
 
 __all__ = ["SFTConfig", "SFTResult", "SFTTrainer", "rank_share", "sft_loss"]
 
@@ -502,6 +508,14 @@ class SFTTrainer:
             "skipped": not good,
         }
 
+    def _interrupt_requested(self) -> bool:
+        """A deferred Ctrl-C/SIGTERM on any rank (all ranks agree, so all checkpoint)."""
+        flag = interrupt_requested()
+        if self.distributed and self.world > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            flag = bool(self._all_reduce_(t, "interrupt flag").item() > 0)
+        return flag
+
     def _resume_hint(self) -> str:
         """Names the last good checkpoint (rank 0 alone owns the dir; listing may tidy it)."""
         last = latest_checkpoint(self.out) if self.out is not None and self.is_main else None
@@ -522,6 +536,14 @@ class SFTTrainer:
                 f"model's outputs are non-finite); {self._resume_hint()}"
             )
         improved = self.best_val is None or val < self.best_val
+        if self.cfg.progress and self.is_main:  # on the console too, not only in the log
+            from tqdm.auto import tqdm
+
+            label = self.out.name if self.out is not None else "sft"
+            tqdm.write(
+                f"{label} step {self.global_step}: validation loss {val:.4f}"
+                + (" (best so far)" if improved else f" (best {self.best_val:.4f})")
+            )
         rec = {"event": kind, "epoch": self.epoch, "val_loss": val, "improved": improved}
         self.history.append({"step": self.global_step, **rec})
         if self._logger is not None:
@@ -565,6 +587,8 @@ class SFTTrainer:
         self.model.train()
         done = self.stopped_early or self.global_step >= self.total_steps
         t0, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
+        interrupts = deferred_interrupts()  # Ctrl-C/SIGTERM: finish the step, checkpoint, stop
+        interrupts.__enter__()
         try:
             while not done and self.epoch < cfg.epochs:
                 order = self.epoch_order(self.epoch)
@@ -610,9 +634,19 @@ class SFTTrainer:
                     saving = cfg.save_steps and self.global_step % cfg.save_steps == 0
                     if at_epoch_end or done or saving:
                         self.save_checkpoint()
+                    if self._interrupt_requested():
+                        honour_interrupt()
+                        if not (at_epoch_end or done or saving):
+                            self.save_checkpoint()
+                        where = f"checkpoint saved in {self.out}" if self.out else "no output dir"
+                        raise TrainingInterrupted(
+                            f"SFT interrupted after step {self.global_step}: {where} "
+                            "(--resume continues from it)"
+                        )
                     if at_epoch_end:
                         break  # next epoch: new order
         finally:
+            interrupts.__exit__(None, None, None)
             bar.close()
             if self._logger is not None:
                 self._logger.close()

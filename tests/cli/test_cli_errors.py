@@ -4,11 +4,14 @@ the last good checkpoint, from which --resume continues."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import sys
 
+import pytest
+import torch
 from conftest import HERE, cli_env, run_cli
 from safetensors.torch import load_file
 
@@ -99,3 +102,75 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     log = [json.loads(x) for x in (out / "sft" / "sft_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 9 and math.isfinite(log[-1]["val_loss"])
     assert os.path.exists(out / "config.yaml")
+
+
+# Machine and --config problems: one line each, BEFORE any data loads (--data points nowhere,
+# so a check that ran after loading would report the data instead).
+NO_CUDA = "this torch build has no CUDA" if torch.version.cuda is None else "no GPU seen"
+RUNTIME_CASES = {
+    "cuda": (
+        ["--device", "cuda"],
+        f"--device cuda: CUDA is not available on this machine ({NO_CUDA}); use --device cpu "
+        "or auto",
+    ),
+    "cuda1": (
+        ["--device", "cuda:1"],
+        f"--device cuda:1: CUDA is not available on this machine ({NO_CUDA}); use --device "
+        "cpu or auto",
+    ),
+    "mps": (
+        ["--device", "mps"],
+        "--device mps: Apple MPS is not available on this machine; use --device cpu or auto",
+    ),
+    "bad-device": (
+        ["--device", "gpu0"],
+        "--device gpu0: not a device name (auto, cpu, cuda, cuda:N or mps)",
+    ),
+    "fp16-cpu": (
+        ["--dtype", "fp16", "--device", "cpu"],
+        "--dtype fp16: half-precision training is not supported on CPU; use --dtype fp32 (the "
+        "CPU default) or bf16",
+    ),
+    "flash": (
+        ["--attn-implementation", "flash_attention_2"],
+        "--attn-implementation flash_attention_2: the flash_attn package is not installed (pip "
+        'install ".[flash]" on a CUDA machine); use sdpa or eager',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUNTIME_CASES))
+def test_machine_errors_are_one_line_before_data_loads(tmp_path, case):
+    args, message = RUNTIME_CASES[case]
+    if case.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if case == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if case == "flash" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    data = tmp_path / "no_such_data"
+    res = run_cli(["--data", str(data), "--output-dir", str(tmp_path / "o"), *args], timeout=60)
+    line = _one_clear_error(res, code=2)
+    assert line == f"error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    missing = tmp_path / "none.yaml"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft-lr: 3e-4\nnum-beams: [1, 2\n")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("sft-lr: 3e-4\nnum-beam: 4\n")
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("num-beams: many\n")
+    cases = {
+        missing: f"error: --config: file not found: {missing}",
+        bad: f"error: --config {bad}: not valid YAML: line 3, column 1: expected ',' or ']', "
+        "but got '<stream end>'",
+        unknown: f"error: --config {unknown}: unknown option 'num-beam'",
+        wrong: f"error: --config {wrong}: option 'num_beams': cannot read 'many' as int",
+    }
+    for path, message in cases.items():
+        data = tmp_path / "no_such_data"
+        res = run_cli(["--config", str(path), "--data", str(data)], tiny=False, timeout=60)
+        assert _one_clear_error(res, code=2) == message

@@ -58,6 +58,12 @@ def test_conversion_matches_hand_derivation(tmp_path):
     assert ds.test == [s([G, A], B, "u3")]
     assert ds.popularity.tolist() == [3, 1, 0]
     assert ds.name == "ml" and ds.category == "ml"
+    # RecBole's own item ids are kept, so predictions can be mapped back to them
+    assert ds.items.tokens == ["10", "20", "30"]
+    assert ds.items.id_by_token == {"10": 0, "20": 1, "30": 2} and ds.items.token(2) == "30"
+    # --category replaces the file name in the prompt
+    with pytest.warns(UserWarning):
+        assert load_recbole(tmp_path, "ml", category="movies").category == "movies"
 
 
 def test_history_capped_at_ten_and_split(tmp_path):

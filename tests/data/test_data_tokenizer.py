@@ -48,3 +48,38 @@ def test_synthetic_targets_are_short(ds):
 def test_vocab_too_small():
     with pytest.raises(ConfigError, match="vocab_size"):
         train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_saved_model_dir_loads_with_autotokenizer_to_the_same_ids(ds, tmp_path):
+    """The saved model directory is Hugging Face compatible: ``AutoTokenizer`` (which for a
+    qwen2 backbone always rebuilds a Qwen2Tokenizer from vocab + merges) gives exactly the ids
+    the model was trained with, on prompts, targets, digits, non-ASCII text and specials."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from latentr3_fast.data import PromptBuilder
+    from latentr3_fast.model import tiny_qwen2
+
+    torch.manual_seed(0)
+    tok = train_tokenizer(dataset_corpus(ds), vocab_size=600)
+    model = tiny_qwen2(
+        tok, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate=64, seed=0
+    )
+    model.save_pretrained(tmp_path / "model")
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "model"))
+    pb = PromptBuilder(model.tokenizer, ds.category, num_latent=1)
+    texts = [model.tokenizer.decode(pb.encode(s).prompt_ids) for s in ds.test[:5]]
+    texts += [PromptBuilder.target_text(t) for t in ds.items.titles[:50]]
+    texts += [
+        "Vol. 12 of 2024: 3.14159, 1,000,000 copies",
+        '"Café Ñandú — 東京"\r\n\n  two  spaces\t<|Thought|><|endoftext|> tail',
+        "I'LL DON'T it's you've",
+    ]
+    for text in texts:
+        want = model.tokenizer.encode(text, add_special_tokens=False)
+        assert loaded.encode(text, add_special_tokens=False) == want, text
+        assert loaded.decode(want) == text
+    assert loaded.eos_token_id == model.tokenizer.eos_token_id
+    assert loaded.pad_token_id == model.tokenizer.pad_token_id
+    assert loaded.convert_tokens_to_ids("<|Thought|>") == model.thought_token_id
+    assert len(loaded) == len(model.tokenizer)

@@ -56,3 +56,42 @@ def test_recommend_bad_input(tiny_setup):
     with pytest.raises(ConfigError, match="rank"):
         recommend(m, [[0]], catalog=ds, rank="sample", prompt_builder=tiny_setup["pb"])
     assert torch.get_num_threads() == 1
+
+
+def test_recommend_numpy_ids_recbole_tokens_and_exclude_seen(tiny_setup):
+    """numpy integers and source-data tokens (RecBole item_id) name the same items as titles;
+    a catalogue with tokens maps predictions back to them; exclude_seen drops exactly the
+    history's titles from the unfiltered ranking."""
+    import numpy as np
+
+    from latentr3_fast.data import ItemCatalog
+
+    ds, m, pb = tiny_setup["ds"], tiny_setup["model"], tiny_setup["pb"]
+    cat = ItemCatalog(ds.items.titles, tokens=[f"rb{i * 7}" for i in range(len(ds.items))])
+    samples = ds.test[:3]
+    kw = dict(k=4, catalog=cat, category=ds.category, prompt_builder=pb)
+    by_title = recommend(m, [s.history_titles for s in samples], **kw)
+    by_np = recommend(m, [np.asarray(s.history_ids, dtype=np.int64) for s in samples], **kw)
+    by_token = recommend(m, [[f"rb{i * 7}" for i in s.history_ids] for s in samples], **kw)
+    assert by_title == by_np == by_token
+    for recs in by_title:
+        assert len(recs) == 4
+        for r in recs:
+            assert r["item_tokens"] == [f"rb{i * 7}" for i in r["item_ids"]]
+    with pytest.raises(DataError, match=r"histories\[0\]: item id 99999"):
+        recommend(m, [[np.int32(99999)]], **kw)
+    with pytest.raises(DataError, match=r"histories\[0\]: 1.5 \(float\)"):
+        recommend(m, [[1.5]], **kw)
+
+    # histories that end with the model's own top pick: the filter has something to drop
+    first = recommend(m, [s.history_titles for s in samples], k=1, catalog=ds, prompt_builder=pb)
+    hist = [s.history_titles[-5:] + (f[0]["title"],) for s, f in zip(samples, first)]
+    want = 4 + max(len(h) for h in hist)
+    beams = max(want, 10)
+    full = recommend(m, hist, k=want, num_beams=beams, catalog=ds, prompt_builder=pb)
+    unseen = recommend(m, hist, k=4, catalog=ds, prompt_builder=pb, exclude_seen=True)
+    for h, f, u in zip(hist, full, unseen):
+        expected = [r for r in f if r["title"] not in set(h)][:4]
+        assert u == expected
+        assert not {r["title"] for r in u} & set(h)
+    assert any(u != f[:4] for f, u in zip(full, unseen))  # the filter changed something
