@@ -268,6 +268,8 @@ def resolve_backbone(
         p = next(p.glob("*.gguf"))
     key = f"{p.stem}-{_sha256(p)[:12]}-{dtype}"
     out = root / "models" / (("whl-" if p.suffix == ".whl" else "gguf-") + key)
+    if _is_complete(out):  # converted before: no transformers/gguf work at all
+        return str(out)
     if p.suffix == ".whl":
         return str(convert_wheel(p, out, dtype))
     return str(convert_gguf(p, out, dtype))
