@@ -18,7 +18,7 @@
 #   here, no GPU:  bash bench/gpu_smollm2.sh dry-run    # the same steps on CPU, tiny budget
 #
 # Budget knobs (environment; defaults aim at <= ~9 min of GPU after setup, NOT measured on a
-# GPU yet): TRAIN_ROWS (24576: half of the CDs train set, SFT 1 epoch + GRPO 1 epoch),
+# GPU yet): TRAIN_ROWS (16384: a third of the CDs train set, SFT 1 epoch + GRPO 1 epoch),
 # SFT_EPOCHS (1), EVAL_ROWS (all 6,157 test rows; also the validation rows), LIMIT_S (510:
 # the CLI is stopped after this; logs still come back).
 set -uo pipefail
@@ -123,7 +123,7 @@ run | dry-run)
         LIMIT_S=${LIMIT_S:-1800}
     else
         command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
-        BUDGET=(--device cuda --dtype bf16 --max-train-samples "${TRAIN_ROWS:-24576}"
+        BUDGET=(--device cuda --dtype bf16 --max-train-samples "${TRAIN_ROWS:-16384}"
             --sft-batch-size 128 --sft-micro-batch-size 64 --sft-warmup-steps 20
             --prompts-per-step 32 --num-generations 8 --grpo-micro-batch-prompts 32
             --grpo-warmup-steps 20 --num-beams 10 --eval-batch-size 64)
