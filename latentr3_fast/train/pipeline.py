@@ -154,10 +154,12 @@ def check_model_path(cfg: RunConfig) -> None:
     """ConfigError when --model looks like a local path but is not a directory."""
     if cfg.model is None:
         return
-    local = Path(cfg.model)
+    local = Path(cfg.model).expanduser()
     looks_local = cfg.model.startswith((".", "/", "~")) or local.exists()
+    if local.suffix in (".gguf", ".whl") and local.is_file():
+        return  # converted once into the cache by LatentReasoner.from_pretrained
     if looks_local and not local.is_dir():
-        raise ConfigError(f"--model {cfg.model}: no such directory")
+        raise ConfigError(f"--model {cfg.model}: no such directory or .gguf/.whl file")
 
 
 def load_stage_model(cfg: RunConfig, out: Path, stage: str):
