@@ -19,7 +19,8 @@ to ``weight.dtype`` on the host (the small tensor, never the ``[V, d]`` head), l
 torch path. Only under ``TRITON_INTERPRET=1`` are loads converted to fp32 (``UPCAST``), because
 the interpreter computes bf16 wrongly; a GPU never does that conversion. Softmax math is fp32.
 
-Configs: ``CONFIGS[arch][family][bucket]`` lists the (BLOCK_M, BLOCK_V, BLOCK_K, warps, stages) that the
+Configs: ``CONFIGS[arch][family][bucket]`` lists the (BLOCK_M, BLOCK_V, BLOCK_K, warps,
+stages) that the
 dispatcher can pick; the first entry is the default, the others are searched only with
 ``LATENTR3_AUTOTUNE=1`` (``triton.autotune``, keyed on V, d and dtype). Every entry is compiled
 for sm_80/sm_90 by ``tests/kernels/test_kernel_codegen.py`` (tensor-core type, zero spills).
