@@ -432,6 +432,7 @@ def test_num_iterations_off_policy_ratio_is_clipped():
     m = rewards[:, 0].mean()  # batch advantage: the clean rows' mean, L2 norm of all
     adv = (rewards - m) / ((rewards - m).norm() + 1e-6)
     assert mets[0]["reward_clean_mean"] == pytest.approx(float(rewards[:, 0].mean()), rel=1e-5)
+    off_policy_clipped = 0
     for it in range(3):
         model.ratt.load_state_dict(snaps[it])
         new = _reference_token_logp(model, step, noise, sigma)
@@ -450,8 +451,12 @@ def test_num_iterations_off_policy_ratio_is_clipped():
         if it == 0:  # on-policy: rho = 1, loss = -mean(A), nothing clipped
             assert max_dev < 1e-5 and clipped == 0
             assert want_loss == pytest.approx(-float(adv.mean()), abs=1e-6)
-        else:  # off-policy: rho moved beyond the clip range and clipping changed the loss
-            assert max_dev > eps_hi and clipped > 0
+        else:  # off-policy: rho moved beyond the clip range
+            assert max_dev > eps_hi
+            off_policy_clipped += clipped
+    # ...and clipping changed the loss on some off-policy iteration (which one depends on the
+    # direction rho moves for each advantage sign, i.e. on the data)
+    assert off_policy_clipped > 0
     # same rollout for every iteration: identical reward statistics
     assert mets[0]["reward_clean_mean"] == mets[2]["reward_clean_mean"]
 
