@@ -144,14 +144,24 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = src.stem
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "latentr3_source.json").write_text(
             json.dumps({"gguf": src.name, "sha256": _sha256(src), "dtype": dtype}, indent=2) + "\n"
         )
+
+    return _publish_dir(out, write)
+
+
+def _publish_dir(out: Path, write) -> Path:
+    """Fill a private temp folder with ``write(tmp)``, then rename it to ``out`` and mark it
+    complete: a killed conversion never leaves a folder that looks finished."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():  # an incomplete earlier attempt
             shutil.rmtree(out)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
@@ -297,20 +307,12 @@ def slice_layers(src: str | Path, out_dir: str | Path, num_layers: int) -> Path:
     model.config.num_hidden_layers = num_layers
     if getattr(model.config, "layer_types", None) is not None:
         model.config.layer_types = model.config.layer_types[:num_layers]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (out / COMPLETE).write_text("ok\n")
-    return out
+
+    return _publish_dir(out, write)
 
 
 def describe(path: str | Path) -> dict[str, Any]:
