@@ -231,7 +231,7 @@ def main() -> None:
             steps.append(res.num_steps)
             t = time.perf_counter()
             with torch.no_grad():
-                beam_mod._prefill(model, b.prompt_ids, b.prompt_mask)
+                beam_mod.prefill(model, b.prompt_ids, b.prompt_mask)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             pref.append(time.perf_counter() - t)

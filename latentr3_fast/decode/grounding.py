@@ -14,12 +14,13 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .protocol import Reasoner
 
 __all__ = ["TitleIndex", "embed_texts", "greedy_generate"]
 
 
 @torch.no_grad()
-def embed_texts(reasoner: Any, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+def embed_texts(reasoner: Reasoner, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Last-token final-norm hidden state of each text.
 
     Args:
@@ -54,7 +55,7 @@ class TitleIndex:
         titles: the catalogue's titles, index = item id (duplicates allowed).
     """
 
-    def __init__(self, reasoner: Any, titles: Sequence[str], batch_size: int = 64) -> None:
+    def __init__(self, reasoner: Reasoner, titles: Sequence[str], batch_size: int = 64) -> None:
         if not titles:
             raise ConfigError("TitleIndex: the catalogue has no titles")
         self.reasoner = reasoner
@@ -80,7 +81,7 @@ class TitleIndex:
 
 @torch.no_grad()
 def greedy_generate(
-    reasoner: Any,
+    reasoner: Reasoner,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int = 64,
@@ -119,7 +120,7 @@ def greedy_generate(
 
 @torch.no_grad()
 def ground_batch(
-    reasoner: Any, encoded: Sequence[Any], index: TitleIndex, k: int, max_new_tokens: int = 64
+    reasoner: Reasoner, encoded: Sequence[Any], index: TitleIndex, k: int, max_new_tokens: int = 64
 ) -> Any:
     """BIGRec ranking of a batch of EncodedSamples: free greedy text, then nearest titles.
 

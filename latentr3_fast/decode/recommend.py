@@ -15,7 +15,10 @@ import torch
 
 from latentr3_fast.errors import ConfigError, DataError
 
-from .beam import BeamResult, beam_search, exact_rank, exact_rank_scorings
+from .beam import beam_search
+from .exact import exact_rank, exact_rank_scorings
+from .protocol import Reasoner
+from .result import BeamResult
 from .trie import ItemTrie
 
 __all__ = ["catalogue_trie", "default_prompt_builder", "rank_batch", "recommend"]
@@ -41,7 +44,7 @@ def catalogue_trie(catalog: Any, prompt_builder: Any) -> ItemTrie:
     return trie
 
 
-def default_prompt_builder(reasoner: Any, category: str, template: str = "reference") -> Any:
+def default_prompt_builder(reasoner: Reasoner, category: str, template: str = "reference") -> Any:
     """PromptBuilder on the reasoner's tokenizer with its number of latent slots."""
     from latentr3_fast.data import PromptBuilder
 
@@ -51,7 +54,7 @@ def default_prompt_builder(reasoner: Any, category: str, template: str = "refere
 
 
 def rank_batch(
-    reasoner: Any,
+    reasoner: Reasoner,
     encoded: Sequence[Any],
     trie: ItemTrie,
     *,
@@ -111,7 +114,7 @@ def rank_batch(
 
 @torch.no_grad()
 def recommend(
-    reasoner: Any,
+    reasoner: Reasoner,
     histories: Sequence[Sequence[str] | Sequence[int]],
     k: int = 10,
     *,

@@ -231,7 +231,7 @@ def test_exact_rank_chunking_does_not_change_the_ranking(tiny_setup, batch_of, m
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_token_logprobs_dense_and_fused_agree(shared, with_bias):
     """Both log-prob paths equal log_softmax(h W^T + b) gathered at the allowed tokens."""
-    from latentr3_fast.decode.beam import _token_logprobs
+    from latentr3_fast.decode.scoring import token_logprobs as _token_logprobs
 
     g = torch.Generator().manual_seed(3)
     r, v, d, w = 7, 1000, 24, 5
