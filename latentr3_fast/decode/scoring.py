@@ -85,11 +85,11 @@ def token_logprobs(
         weight, bias: the LM head, ``[V, d]`` and ``[V]`` or None.
         tokens: ``[R, W]`` allowed token ids, -1 padded.
         shared: every row has the same token list (the root step).
-        impl: ``"fused"``: the ``[R, V]`` logits are never materialized (the normalizer comes
-            from ``ops.fused_linear_logprob``; logits are formed in fp32 for the allowed
-            tokens only); ``"dense"``: logits in row chunks of at most ``max_elems`` (model
-            dtype, cast to fp32 as HF ``generate`` does); ``"auto"``: dense for vocabularies
-            up to ``DENSE_MAX_VOCAB``.
+        impl: ``"fused"``: the ``[R, V]`` logits are never materialized (the normalizer is
+            the log-sum-exp ``ops.fused_linear_logprob`` returns; logits are formed in fp32
+            for the allowed tokens only); ``"dense"``: logits in row chunks of at most
+            ``max_elems`` (model dtype, cast to fp32 as HF ``generate`` does); ``"auto"``:
+            dense for vocabularies up to ``DENSE_MAX_VOCAB``.
         scale: the backbone's final-logit scale (``reasoner.logit_scale``).
     Returns:
         ``[R, W]`` fp32 log-probs over the full vocabulary (not renormalized), -inf at padding.
@@ -122,29 +122,37 @@ def _dense_token_logprobs(hidden, weight, bias, tokens, max_elems, scale) -> tor
 def _fused_token_logprobs(hidden, weight, bias, tokens, shared, max_elems, scale) -> torch.Tensor:
     from latentr3_fast.ops import fused_linear_logprob
 
-    rows, width = tokens.shape
-    dim = weight.shape[1]
+    rows = tokens.shape[0]
     safe = tokens.clamp(min=0)
-    # the normalizer from one anchor token per row: lse = logit[anchor] - logp[anchor]
-    anchor_logp = fused_linear_logprob(
-        hidden, weight, safe[:, 0].contiguous(), bias, temperature=1.0 / scale
+    # only the normalizer is wanted: every target ignored, the lse comes for every row
+    ignored = torch.full((rows,), -100, dtype=torch.long, device=hidden.device)
+    _, lse = fused_linear_logprob(
+        hidden, weight, ignored, bias, temperature=1.0 / scale, return_lse=True
     )
+    logit = _allowed_logits(hidden, weight, bias, safe, shared, max_elems)
+    if scale != 1.0:
+        logit = logit * scale
+    return (logit - lse.unsqueeze(1)).masked_fill_(tokens < 0, NEG_INF)
+
+
+def _allowed_logits(hidden, weight, bias, safe, shared, max_elems) -> torch.Tensor:
+    """fp32 ``hidden @ W^T + b`` at the ``[R, W]`` tokens ``safe`` only (row chunks of at
+    most ``max_elems`` gathered weight elements)."""
+    rows, width = safe.shape
+    dim = weight.shape[1]
     h32 = hidden.float()
     if shared:
         cols = safe[0]
         logit = h32 @ weight[cols].float().T
         if bias is not None:
             logit = logit + bias[cols].float()
-    else:
-        logit = torch.empty((rows, width), dtype=torch.float32, device=hidden.device)
-        step = max(1, max_elems // max(width * dim, 1))
-        for a in range(0, rows, step):
-            w = weight[safe[a : a + step]].float()  # [rows, W, d]
-            blk = torch.bmm(w, h32[a : a + step].unsqueeze(-1)).squeeze(-1)
-            if bias is not None:
-                blk = blk + bias[safe[a : a + step]].float()
-            logit[a : a + step] = blk
-    if scale != 1.0:
-        logit = logit * scale
-    lse = logit[:, :1] - anchor_logp.unsqueeze(1)
-    return (logit - lse).masked_fill_(tokens < 0, NEG_INF)
+        return logit
+    logit = torch.empty((rows, width), dtype=torch.float32, device=hidden.device)
+    step = max(1, max_elems // max(width * dim, 1))
+    for a in range(0, rows, step):
+        w = weight[safe[a : a + step]].float()  # [rows, W, d]
+        blk = torch.bmm(w, h32[a : a + step].unsqueeze(-1)).squeeze(-1)
+        if bias is not None:
+            blk = blk + bias[safe[a : a + step]].float()
+        logit[a : a + step] = blk
+    return logit

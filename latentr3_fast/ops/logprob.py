@@ -87,10 +87,11 @@ class _ChunkedLinearLogprob(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden, weight, tgt, valid, bias, lse)
         ctx.cfg = (inv_t, cr, cv, eager, hidden.dtype)
-        return logp
+        ctx.mark_non_differentiable(lse)  # callers reuse it; gradients flow through logp
+        return logp, lse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_lse):
         inv_t, cr, cv, eager, hdtype = ctx.cfg
         if eager:
             jac, valid = ctx.saved_tensors
@@ -152,7 +153,8 @@ def fused_linear_logprob_torch(
     *,
     chunk_rows: int | None = None,
     chunk_vocab: int | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked torch implementation of :func:`fused_linear_logprob` (any device).
 
     Memory is bounded by one fp32 ``[chunk_rows, chunk_vocab]`` block (default 16 MiB). With a
@@ -163,12 +165,15 @@ def fused_linear_logprob_torch(
     check_logprob_args(hidden, weight, targets, bias, ignore_index, temperature)
     cr, cv = _chunk_sizes(hidden.shape[0], weight.shape[0], chunk_rows, chunk_vocab)
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0.0 * hidden.sum()
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        logp = empty + 0.0 * hidden.sum()
+        return (logp, empty) if return_lse else logp
     frozen_head = not weight.requires_grad and (bias is None or not bias.requires_grad)
     eager = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
-    return _ChunkedLinearLogprob.apply(
+    logp, lse = _ChunkedLinearLogprob.apply(
         hidden, weight, targets, bias, int(ignore_index), float(temperature), cr, cv, eager
     )
+    return (logp, lse) if return_lse else logp
 
 
 def naive_linear_logprob(
@@ -195,7 +200,9 @@ def fused_linear_logprob(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -204,16 +211,27 @@ def fused_linear_logprob(
         targets: ``[M]`` int64 token ids; rows equal to ``ignore_index`` give 0 and no gradient.
         bias: optional ``[V]`` LM-head bias.
         temperature: logits are divided by it (> 0).
+        return_lse: also return the normalizer, computed in the same pass.
 
     Returns:
         ``[M]`` fp32 log-probs. Differentiable wrt ``hidden`` (and ``weight``/``bias`` when they
         require grad). The ``[M, V]`` logits are never materialized. Triton on CUDA, chunked
-        torch otherwise (see ``LATENTR3_KERNELS``).
+        torch otherwise (see ``LATENTR3_KERNELS``). With ``return_lse``: ``(logp, lse)``,
+        ``lse`` ``[M]`` fp32 the log-sum-exp of the temperature-scaled logits of every row
+        (``ignore_index`` rows too), without gradient: ``logp = logit[target] / T - lse``.
     """
     if select_backend(hidden, weight) == "triton":
         from ..kernels.linear_logprob import fused_linear_logprob_triton
 
         return fused_linear_logprob_triton(
-            hidden, weight, targets, bias, ignore_index=ignore_index, temperature=temperature
+            hidden,
+            weight,
+            targets,
+            bias,
+            ignore_index=ignore_index,
+            temperature=temperature,
+            return_lse=return_lse,
         )
-    return fused_linear_logprob_torch(hidden, weight, targets, bias, ignore_index, temperature)
+    return fused_linear_logprob_torch(
+        hidden, weight, targets, bias, ignore_index, temperature, return_lse=return_lse
+    )
