@@ -1,4 +1,4 @@
-"""BIGRec's original grounding (optional; SPEC section 6).
+"""BIGRec's original grounding (optional; BIGRec, paper Sec. 4.1 and Appendix B).
 
 BIGRec first generates free text, then grounds it in the catalogue: the generated title and
 every catalogue title are embedded by the backbone's last-token final hidden state (after the
@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from .protocol import Reasoner
+from .scoring import prefill
 
 __all__ = ["TitleIndex", "embed_texts", "greedy_generate"]
 
@@ -89,23 +90,21 @@ def greedy_generate(
     """Unconstrained greedy decoding after the prompt and the latent slot(s).
 
     BIGRec generates freely and grounds afterwards. Args are the left-padded prompt batch
-    ``[B, L]``; returns per row the generated token ids up to (excluding) EOS.
+    ``[B, L]``; returns per row the generated token ids up to (excluding) EOS. The next token
+    is the argmax of the LM head's logits, bias included (as HF ``generate`` with
+    ``do_sample=False``).
     """
     eos = reasoner.tokenizer.eos_token_id
-    hidden, cache = reasoner.encode_prompt(prompt_ids, prompt_mask)
-    latents = reasoner.latents(hidden, prompt_mask, cache)
-    past = prompt_mask
-    if latents.shape[1] > 0:
-        last = reasoner.forward_embeds(latents, past, cache)[:, -1]
-        past = torch.cat([past, torch.ones_like(past[:, : latents.shape[1]])], dim=1)
-    else:
-        last = hidden[:, -1]
-    weight = reasoner.lm_head_weight
+    last, cache, past = prefill(reasoner, prompt_ids, prompt_mask)
+    weight, bias = reasoner.lm_head_weight, reasoner.lm_head_bias
     rows = prompt_ids.shape[0]
     out: list[list[int]] = [[] for _ in range(rows)]
     done = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     for _ in range(max_new_tokens):
-        nxt = (last.to(weight.dtype) @ weight.T).argmax(-1)
+        logits = last.to(weight.dtype) @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        nxt = logits.argmax(-1)  # a final-logit scale (> 0) does not move the argmax
         for i in torch.nonzero(~done).flatten().tolist():
             if int(nxt[i]) == eos:
                 done[i] = True

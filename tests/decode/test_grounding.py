@@ -39,21 +39,49 @@ def test_catalogue_titles_ground_to_themselves():
     assert index.rank(["Golden River"], k=3)[0][0].tolist() == brute.tolist()
 
 
-def test_greedy_generate_matches_hf_generate_without_latent():
-    ds, model = _model(num_latent=0)
-    pb = PromptBuilder(model.tokenizer, ds.category, num_latent=0, max_length=256)
-    batch = collate(pb.encode_many(ds.test[:3]), model.tokenizer.pad_token_id)
-    got = greedy_generate(model, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6)
-    for i in range(3):
+def _hf_greedy(model, batch, max_new_tokens):
+    """Reference: HF greedy ``generate`` per unpadded prompt, cut at EOS."""
+    eos = model.tokenizer.eos_token_id
+    out = []
+    for i in range(len(batch)):
         keep = batch.prompt_mask[i].bool()
         ids = batch.prompt_ids[i][keep][None]
         ref = model.backbone.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-            pad_token_id=model.tokenizer.eos_token_id,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=eos,
         )[0, ids.shape[1] :].tolist()  # fmt: skip
-        eos = model.tokenizer.eos_token_id
-        ref = ref[: ref.index(eos)] if eos in ref else ref
-        assert got[i] == ref
+        out.append(ref[: ref.index(eos)] if eos in ref else ref)
+    return out
+
+
+def _no_latent_batch(rows=3):
+    ds, model = _model(num_latent=0)
+    pb = PromptBuilder(model.tokenizer, ds.category, num_latent=0, max_length=256)
+    return model, collate(pb.encode_many(ds.test[:rows]), model.tokenizer.pad_token_id)
+
+
+def test_greedy_generate_matches_hf_generate_without_latent():
+    model, batch = _no_latent_batch()
+    got = greedy_generate(model, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6)
+    assert got == _hf_greedy(model, batch, 6)
+
+
+def test_greedy_generate_uses_the_lm_head_bias():
+    """A biased LM head (HF ``generate`` adds the bias): the bias must steer the argmax."""
+    model, batch = _no_latent_batch()
+    unbiased = greedy_generate(model, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6)
+    head = model.backbone.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.copy_(
+            torch.randn(head.out_features, generator=torch.Generator().manual_seed(0))
+        )
+    model.backbone.set_output_embeddings(biased)
+    assert model.lm_head_bias is biased.bias
+    got = greedy_generate(model, batch.prompt_ids, batch.prompt_mask, max_new_tokens=6)
+    assert got == _hf_greedy(model, batch, 6)
+    assert got != unbiased  # the bias changes the decoded text here
 
 
 def test_evaluate_with_grounding_ranks_by_distance_to_generated_text():
