@@ -154,7 +154,9 @@ class _Candidates:
     done: torch.Tensor  # EOS or a trie leaf: the hypothesis is complete
 
 
-def _check_beam_args(num_beams: int, num_return: int | None, max_new_tokens: int, stop_rule: str):
+def _check_beam_args(
+    num_beams: int, num_return: int | None, max_new_tokens: int, stop_rule: str
+) -> int:
     """Returns ``num_return`` (default ``num_beams``)."""
     if stop_rule not in STOP_RULES:
         raise ConfigError(f"stop_rule={stop_rule!r}: expected one of {STOP_RULES}")

@@ -38,6 +38,7 @@ def exact_rank(
     prompt_mask: torch.Tensor,
     trie: ItemTrie,
     length_penalty: float = 0.0,
+    *,
     top_k: int | None = None,
     max_rows: int = 2048,
     latents: torch.Tensor | None = None,
@@ -65,6 +66,7 @@ def exact_rank_scorings(
     prompt_mask: torch.Tensor,
     trie: ItemTrie,
     length_penalties: Sequence[float] = (0.0,),
+    *,
     top_k: int | None = None,
     max_rows: int = 2048,
     latents: torch.Tensor | None = None,
@@ -315,7 +317,9 @@ def _frontier_chunks(csr: dict[str, np.ndarray], budget: int) -> list[tuple[int,
     return chunks
 
 
-def _inner_children(frontier: np.ndarray, csr: dict[str, np.ndarray]):
+def _inner_children(
+    frontier: np.ndarray, csr: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Children of ``frontier`` that have children, and the frontier row of each parent."""
     co = csr["child_offsets"]
     counts = np.diff(co)

@@ -1,8 +1,5 @@
-"""Serving helpers: the cached catalogue trie and ``recommend`` (top-k items per user).
-
-``recommend(reasoner, histories, k, catalog=...)`` is meant to be bound as
-``LatentReasoner.recommend`` by the model layer.
-"""
+"""Serving helpers: the cached catalogue trie and ``recommend`` (top-k items per user,
+paper Sec. 4.1's top-N recommendation task)."""
 
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ import torch
 from latentr3_fast.errors import ConfigError, DataError
 
 from .beam import beam_search
-from .exact import exact_rank, exact_rank_scorings
+from .exact import exact_rank_scorings
 from .protocol import Reasoner
 from .result import BeamResult
 from .trie import ItemTrie
@@ -74,42 +71,32 @@ def rank_batch(
     runs once per penalty (the penalty steers the search)."""
     from latentr3_fast.data import collate
 
+    if rank not in ("beam", "exact"):
+        raise ConfigError(f"rank={rank!r}: expected 'beam' or 'exact'")
     pad = reasoner.tokenizer.pad_token_id
     batch = collate(list(encoded), pad).to(reasoner.device)
-    if length_penalties is not None:
-        if rank == "exact":
-            return exact_rank_scorings(
-                reasoner, batch.prompt_ids, batch.prompt_mask, trie, length_penalties, top_k=k
-            )
-        kw = dict(
-            k=k,
-            num_beams=num_beams,
-            rank=rank,
-            backend=backend,
-            max_new_tokens=max_new_tokens,
-            stop_rule=stop_rule,
-        )
-        return [
-            rank_batch(reasoner, encoded, trie, length_penalty=lp, **kw) for lp in length_penalties
-        ]
-    if rank == "beam":
-        return beam_search(
-            reasoner,
-            batch.prompt_ids,
-            batch.prompt_mask,
-            trie,
-            num_beams=num_beams,
-            num_return=min(k, num_beams),
-            length_penalty=length_penalty,
-            max_new_tokens=max_new_tokens,
-            backend=backend,
-            stop_rule=stop_rule,
-        )
+    penalties = [length_penalty] if length_penalties is None else list(length_penalties)
     if rank == "exact":
-        return exact_rank(
-            reasoner, batch.prompt_ids, batch.prompt_mask, trie, length_penalty, top_k=k
+        results = exact_rank_scorings(
+            reasoner, batch.prompt_ids, batch.prompt_mask, trie, penalties, top_k=k
         )
-    raise ConfigError(f"rank={rank!r}: expected 'beam' or 'exact'")
+    else:
+        results = [
+            beam_search(
+                reasoner,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                trie,
+                num_beams=num_beams,
+                num_return=min(k, num_beams),
+                length_penalty=penalty,
+                max_new_tokens=max_new_tokens,
+                backend=backend,
+                stop_rule=stop_rule,
+            )
+            for penalty in penalties
+        ]
+    return results if length_penalties is not None else results[0]
 
 
 @torch.no_grad()
@@ -132,7 +119,7 @@ def recommend(
     """Top-k catalogue items per user from raw history titles (or item ids).
 
     Args:
-        reasoner: a LatentReasoner.
+        reasoner: a LatentReasoner (see :class:`~latentr3_fast.decode.protocol.Reasoner`).
         histories: per user, the history (oldest first). Each entry is an item id of
             ``catalog`` (a Python or numpy integer), a title of the catalogue, or, when the
             catalogue came from RecBole, an ``item_id`` token of its ``.inter`` file (a string
@@ -141,7 +128,7 @@ def recommend(
         k: items per user. With beam search ``num_beams`` defaults to ``max(k, 10)``.
         catalog: an ItemCatalog or a RecDataset (then ``category`` defaults to its category).
         category: the category word/name used in the prompt.
-        length_penalty: 0.0 (D3) or 1.0 (BIGRec).
+        length_penalty: 0.0 (D3) or 1.0 (BIGRec); see paper Sec. 4.1.
         rank: ``"beam"`` or ``"exact"`` (full-catalogue scoring).
         stop_rule: beam stopping rule, ``"reference"`` or ``"exact"`` (see ``beam_search``).
         exclude_seen: drop items whose title is in the user's history (the reference keeps
@@ -151,8 +138,6 @@ def recommend(
         (one entry per distinct title; items sharing a title are listed together); with a
         RecBole catalogue also ``"item_tokens"``: the RecBole ids of ``item_ids``.
     """
-    from latentr3_fast.data import Sample
-
     items = getattr(catalog, "items", catalog)
     if category is None:
         category = getattr(catalog, "category", None)
@@ -163,16 +148,12 @@ def recommend(
     if k < 1:
         raise ConfigError(f"recommend: k={k} must be >= 1")
     trie = catalogue_trie(items, prompt_builder)
-    out: list[list[dict[str, Any]]] = []
-    titles_all = list(items.titles)
+    titles = list(items.titles)
     tokens = getattr(items, "tokens", None)
-    for a in range(0, len(histories), batch_size):
-        encoded, seen = [], []
-        for u, hist in enumerate(histories[a : a + batch_size], start=a):
-            titles = tuple(history_title(items, h, f"histories[{u}]") for h in hist)
-            seen.append(set(titles) if exclude_seen else set())
-            # a dummy target: encode() then left-truncates the prompt exactly as in training
-            encoded.append(prompt_builder.encode(Sample((), titles, 0, "")))
+    out: list[list[dict[str, Any]]] = []
+    for start in range(0, len(histories), batch_size):
+        chunk = histories[start : start + batch_size]
+        encoded, seen = _encode_histories(items, chunk, start, prompt_builder, exclude_seen)
         want = k + (max(len(x) for x in seen) if exclude_seen else 0)
         beams = max(want, 10) if num_beams is None else max(int(num_beams), want)
         res = rank_batch(
@@ -186,19 +167,53 @@ def recommend(
             backend=backend,
             stop_rule=stop_rule,
         )
-        scores = res.scores.float().cpu().tolist()
-        for row in range(len(encoded)):
-            recs = []
-            for j, ids in enumerate(res.item_ids[row]):
-                if not ids or titles_all[ids[0]] in seen[row]:
-                    continue
-                rec = {"item_ids": ids, "title": titles_all[ids[0]], "score": scores[row][j]}
-                if tokens is not None:
-                    rec["item_tokens"] = [tokens[i] for i in ids]
-                recs.append(rec)
-                if len(recs) == k:
-                    break
-            out.append(recs)
+        out.extend(_recommendations(res, titles, tokens, seen, k))
+    return out
+
+
+def _encode_histories(
+    items: Any,
+    histories: Sequence[Sequence[Any]],
+    start: int,
+    prompt_builder: Any,
+    exclude_seen: bool,
+) -> tuple[list[Any], list[set[str]]]:
+    """Prompts of users ``start, start + 1, ...`` and, with ``exclude_seen``, their history
+    titles (else empty sets)."""
+    from latentr3_fast.data import Sample
+
+    encoded, seen = [], []
+    for user, history in enumerate(histories, start=start):
+        titles = tuple(history_title(items, h, f"histories[{user}]") for h in history)
+        seen.append(set(titles) if exclude_seen else set())
+        # a dummy target: encode() then left-truncates the prompt exactly as in training
+        encoded.append(prompt_builder.encode(Sample((), titles, 0, "")))
+    return encoded, seen
+
+
+def _recommendations(
+    res: BeamResult,
+    titles: list[str],
+    tokens: Sequence[str] | None,
+    seen: list[set[str]],
+    k: int,
+) -> list[list[dict[str, Any]]]:
+    """Per prompt the first ``k`` hypotheses whose title is not in ``seen``, as dicts
+    (``tokens``: the catalogue's source-data item tokens, if any)."""
+    scores = res.scores.float().cpu().tolist()
+    out = []
+    for row in range(len(seen)):
+        recs: list[dict[str, Any]] = []
+        for j, ids in enumerate(res.item_ids[row]):
+            if not ids or titles[ids[0]] in seen[row]:
+                continue
+            rec = {"item_ids": ids, "title": titles[ids[0]], "score": scores[row][j]}
+            if tokens is not None:
+                rec["item_tokens"] = [tokens[i] for i in ids]
+            recs.append(rec)
+            if len(recs) == k:
+                break
+        out.append(recs)
     return out
 
 

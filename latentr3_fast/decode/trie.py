@@ -157,7 +157,9 @@ class ItemTrie:
         return self
 
     @classmethod
-    def from_catalog(cls, catalog: Any, prompt_builder: Any, vocab_size: int | None = None):
+    def from_catalog(
+        cls, catalog: Any, prompt_builder: Any, vocab_size: int | None = None
+    ) -> ItemTrie:
         """Trie over ``prompt_builder.target_ids(title)`` of every item of an ``ItemCatalog``.
 
         Items with the same title (hence the same sequence) share one terminal that maps to
@@ -189,14 +191,17 @@ class ItemTrie:
 
     @property
     def num_nodes(self) -> int:
+        """Nodes including the root (node ids are ``0 .. num_nodes - 1``, in preorder)."""
         return self._t.num_nodes
 
     @property
     def num_edges(self) -> int:
+        """Parent -> child token edges (``num_nodes - 1``)."""
         return self._t.num_edges
 
     @property
     def num_items(self) -> int:
+        """Catalogue items (sequences) inserted, duplicates included."""
         return self._t.num_items
 
     @property
@@ -206,10 +211,12 @@ class ItemTrie:
 
     @property
     def max_children(self) -> int:
+        """The widest node's number of children."""
         return self._t.max_children
 
     @property
     def vocab_size(self) -> int | None:
+        """Token ids must be below it (None: not checked)."""
         return self._t.vocab_size or None
 
     def __len__(self) -> int:
