@@ -11,7 +11,7 @@ from latentr3_fast.decode import beam_search, exact_rank, resolve_backend
 from latentr3_fast.errors import ConfigError
 
 
-def hf_generate(setup, batch, num_beams, lp, with_latent=True, early_stopping=False):
+def hf_generate(setup, batch, num_beams, length_penalty, with_latent=True, early_stopping=False):
     """Reference: bench_decode's HF generate over a Python dict trie (loaded by conftest).
     ``early_stopping=False`` is HF's default (the reference evaluation's)."""
     from bench_decode import hf_reference
@@ -19,11 +19,19 @@ def hf_generate(setup, batch, num_beams, lp, with_latent=True, early_stopping=Fa
     m, eos = setup["model"], setup["tok"].eos_token_id
     max_new = setup["trie"].max_depth
     return hf_reference(
-        m, batch, setup["dict"], eos, num_beams, lp, max_new, with_latent, early_stopping
+        m,
+        batch,
+        setup["dict"],
+        eos,
+        num_beams,
+        length_penalty,
+        max_new,
+        with_latent,
+        early_stopping,
     )
 
 
-def _assert_same_as_hf(ours, ref, trie, lp):
+def _assert_same_as_hf(ours, ref, trie, length_penalty):
     seqs = ours.sequences(trie)
     for b, hyps in enumerate(ref):
         n = len(hyps)
@@ -31,14 +39,16 @@ def _assert_same_as_hf(ours, ref, trie, lp):
         assert [h[0] for h in hyps] == seqs[b][:n]
         want = torch.tensor([h[1] for h in hyps])
         torch.testing.assert_close(ours.scores[b, :n], want, atol=1e-5, rtol=1e-6)
-        # scores follow SPEC: sum(logp) / len ** lp, len counts new tokens incl. EOS
+        # HF beam scores: sum(logp) / len ** length_penalty, len = new tokens incl. EOS
         lens = torch.tensor([len(h[0]) for h in hyps])
         assert ours.lengths[b, :n].tolist() == lens.tolist()
-        torch.testing.assert_close(ours.sum_logp[b, :n] / lens.float() ** lp, ours.scores[b, :n])
+        torch.testing.assert_close(
+            ours.sum_logp[b, :n] / lens.float() ** length_penalty, ours.scores[b, :n]
+        )
 
 
 @pytest.mark.parametrize(
-    ("rows", "num_beams", "lp", "with_latent"),
+    ("rows", "num_beams", "length_penalty", "with_latent"),
     [
         ([0], 4, 0.0, True),
         ([1, 2, 3], 5, 0.0, True),
@@ -48,17 +58,56 @@ def _assert_same_as_hf(ours, ref, trie, lp):
         ([13, 16], 4, 1.0, False),
     ],
 )
-def test_parity_with_hf_generate(tiny_setup, batch_of, rows, num_beams, lp, with_latent):
+def test_parity_with_hf_generate(
+    tiny_setup, batch_of, rows, num_beams, length_penalty, with_latent
+):
     batch = batch_of(rows)
     if len(rows) > 1:  # prompts of different lengths: left padding is exercised
         assert len(set(batch.prompt_mask.sum(1).tolist())) > 1
-    ref = hf_generate(tiny_setup, batch, num_beams, lp, with_latent)
+    ref = hf_generate(tiny_setup, batch, num_beams, length_penalty, with_latent)
     m, trie = tiny_setup["model"], tiny_setup["trie"]
     latents = None if with_latent else torch.zeros(len(rows), 0, m.hidden_size)
     ours = beam_search(
-        m, batch.prompt_ids, batch.prompt_mask, trie, num_beams, length_penalty=lp, latents=latents
+        m,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        trie,
+        num_beams,
+        length_penalty=length_penalty,
+        latents=latents,
     )
-    _assert_same_as_hf(ours, ref, trie, lp)
+    _assert_same_as_hf(ours, ref, trie, length_penalty)
+
+
+def _sharpen(model, seed):
+    """Weights N(0, 0.3^2) from one generator seed: a sharp backbone, so beams differ."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def _tiny_reasoner(tok, config_cls, model_cls, **config):
+    """A 2-layer sdpa backbone of another family/config (seed 0) wrapped with one latent."""
+    from latentr3_fast.model import LatentReasoner
+
+    cfg = config_cls(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **config,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LatentReasoner(model_cls(cfg), tok, num_latent=1).eval()
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +134,7 @@ def mixed_length_setup(tiny_setup):
 
     def setup(seed: int) -> dict:
         if seed not in built:
-            model = tiny_qwen2(tok, hidden_size=32, seed=0).eval()
-            gen = torch.Generator().manual_seed(seed)
-            with torch.no_grad():
-                for p in model.backbone.parameters():
-                    if p.dim() >= 2:
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            model = _sharpen(tiny_qwen2(tok, hidden_size=32, seed=0).eval(), seed)
             built[seed] = dict(tiny_setup, model=model, trie=trie, dict=dict_trie)
         return built[seed]
 
@@ -98,27 +142,30 @@ def mixed_length_setup(tiny_setup):
 
 
 @pytest.mark.parametrize(("num_beams", "seed"), [(2, 0), (3, 4)])
-@pytest.mark.parametrize("lp", [0.0, 1.0])
-def test_stop_rules_match_hf_early_stopping(mixed_length_setup, batch_of, num_beams, seed, lp):
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_stop_rules_match_hf_early_stopping(
+    mixed_length_setup, batch_of, num_beams, seed, length_penalty
+):
     """``stop_rule="reference"`` (the default) = HF generate's default ``early_stopping=False``;
-    ``stop_rule="exact"`` = ``early_stopping="never"``. At lp = 1 the two HF settings differ
-    on some prompts (so each rule is pinned to its own setting); at lp = 0 they coincide."""
+    ``stop_rule="exact"`` = ``early_stopping="never"``. At length_penalty = 1 the two HF
+    settings differ on some prompts (so each rule is pinned to its own setting); at
+    length_penalty = 0 they coincide."""
     setup = mixed_length_setup(seed)
     m, trie = setup["model"], setup["trie"]
     batch = batch_of(list(range(12)))
-    ref_default = hf_generate(setup, batch, num_beams, lp, early_stopping=False)
-    ref_never = hf_generate(setup, batch, num_beams, lp, early_stopping="never")
+    ref_default = hf_generate(setup, batch, num_beams, length_penalty, early_stopping=False)
+    ref_never = hf_generate(setup, batch, num_beams, length_penalty, early_stopping="never")
     args = (m, batch.prompt_ids, batch.prompt_mask, trie, num_beams)
-    default = beam_search(*args, length_penalty=lp)
-    exact = beam_search(*args, length_penalty=lp, stop_rule="exact")
-    _assert_same_as_hf(default, ref_default, trie, lp)
-    _assert_same_as_hf(exact, ref_never, trie, lp)
+    default = beam_search(*args, length_penalty=length_penalty)
+    exact = beam_search(*args, length_penalty=length_penalty, stop_rule="exact")
+    _assert_same_as_hf(default, ref_default, trie, length_penalty)
+    _assert_same_as_hf(exact, ref_never, trie, length_penalty)
     differ = [
         b
         for b in range(len(batch))
         if [h[0] for h in ref_default[b]] != [h[0] for h in ref_never[b]]
     ]
-    if lp == 0.0:
+    if length_penalty == 0.0:
         assert differ == [] and torch.equal(default.states, exact.states)
     else:
         assert differ, "the fixture must make the two stopping rules disagree somewhere"
@@ -126,28 +173,44 @@ def test_stop_rules_match_hf_early_stopping(mixed_length_setup, batch_of, num_be
         assert torch.all(exact.scores[:, 0] >= default.scores[:, 0] - 1e-6)
 
 
-@pytest.mark.parametrize("lp", [0.0, 1.0])
-def test_host_and_device_backends_identical(tiny_setup, batch_of, lp):
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_host_and_device_backends_identical(tiny_setup, batch_of, length_penalty):
     batch = batch_of([0, 3, 5, 9])
     m, trie = tiny_setup["model"], tiny_setup["trie"]
     a = beam_search(
-        m, batch.prompt_ids, batch.prompt_mask, trie, 6, length_penalty=lp, backend="host"
+        m,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        trie,
+        6,
+        length_penalty=length_penalty,
+        backend="host",
     )
     b = beam_search(
-        m, batch.prompt_ids, batch.prompt_mask, trie, 6, length_penalty=lp, backend="device"
+        m,
+        batch.prompt_ids,
+        batch.prompt_mask,
+        trie,
+        6,
+        length_penalty=length_penalty,
+        backend="device",
     )
     assert torch.equal(a.states, b.states) and torch.equal(a.scores, b.scores)
     assert a.item_ids == b.item_ids and a.titles == b.titles
 
 
-@pytest.mark.parametrize("lp", [0.0, 1.0])
-def test_exhaustive_beam_equals_exact_ranking(tiny_setup, batch_of, lp):
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_exhaustive_beam_equals_exact_ranking(tiny_setup, batch_of, length_penalty):
     """With more beams than trie nodes nothing is pruned: beam search = exact ranking."""
     batch = batch_of([2, 6])
     m, trie = tiny_setup["model"], tiny_setup["trie"]
     k = trie.num_nodes
-    beam = beam_search(m, batch.prompt_ids, batch.prompt_mask, trie, k, length_penalty=lp)
-    ex = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=lp, max_rows=64)
+    beam = beam_search(
+        m, batch.prompt_ids, batch.prompt_mask, trie, k, length_penalty=length_penalty
+    )
+    ex = exact_rank(
+        m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=length_penalty, max_rows=64
+    )
     n_term = ex.states.shape[1]
     assert n_term == len(
         {tuple(tiny_setup["pb"].target_ids(t)) for t in tiny_setup["ds"].items.titles}
@@ -157,12 +220,14 @@ def test_exhaustive_beam_equals_exact_ranking(tiny_setup, batch_of, lp):
     torch.testing.assert_close(beam.scores[:, :n_term], ex.scores, atol=1e-5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("lp", [0.0, 1.0])
-def test_exact_scores_of_beam_items(tiny_setup, batch_of, lp):
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_exact_scores_of_beam_items(tiny_setup, batch_of, length_penalty):
     batch = batch_of([1, 4, 7])
     m, trie = tiny_setup["model"], tiny_setup["trie"]
-    beam = beam_search(m, batch.prompt_ids, batch.prompt_mask, trie, 5, length_penalty=lp)
-    ex = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=lp)
+    beam = beam_search(
+        m, batch.prompt_ids, batch.prompt_mask, trie, 5, length_penalty=length_penalty
+    )
+    ex = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=length_penalty)
     for b in range(len(batch)):
         by_state = dict(zip(ex.states[b].tolist(), ex.scores[b].tolist()))
         for s, sc in zip(beam.states[b].tolist(), beam.scores[b].tolist()):
@@ -172,7 +237,9 @@ def test_exact_scores_of_beam_items(tiny_setup, batch_of, lp):
     # every catalogue item is ranked exactly once (duplicate titles share one entry)
     all_ids = sorted(i for ids in ex.item_ids[0] for i in ids)
     assert all_ids == list(range(trie.num_items))
-    top = exact_rank(m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=lp, top_k=3)
+    top = exact_rank(
+        m, batch.prompt_ids, batch.prompt_mask, trie, length_penalty=length_penalty, top_k=3
+    )
     assert torch.equal(top.states, ex.states[:, :3])
 
 
@@ -323,30 +390,19 @@ def test_exact_rank_sliding_window_backbone_uses_frontier(tiny_setup, batch_of):
     twin when the window covers everything) and an explicit ``tree`` is a clear error."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from latentr3_fast.model import LatentReasoner
-
     tok, trie = tiny_setup["tok"], tiny_setup["trie"]
     batch = batch_of([0, 3])
     args = (batch.prompt_ids, batch.prompt_mask, trie)
 
     def model(sliding: bool):
-        cfg = Qwen2Config(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+        return _tiny_reasoner(
+            tok,
+            Qwen2Config,
+            Qwen2ForCausalLM,
             use_sliding_window=sliding,
             sliding_window=4096 if sliding else None,
             max_window_layers=0,
         )
-        cfg._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        return LatentReasoner(Qwen2ForCausalLM(cfg), tok, num_latent=1).eval()
 
     windowed, full = model(True), model(False)
     with torch.no_grad():
@@ -358,85 +414,55 @@ def test_exact_rank_sliding_window_backbone_uses_frontier(tiny_setup, batch_of):
     torch.testing.assert_close(got.scores, ref.scores, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lp", [0.0, 1.0])
-def test_beam_search_sliding_window_matches_hf_generate(tiny_setup, batch_of, lp):
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_sliding_window_matches_hf_generate(tiny_setup, batch_of, length_penalty):
     """A sliding-window KV cache (window 8, far shorter than prompt + title) drops old keys,
     so the per-beam positions are not where a full-attention cache keeps them: reordering
     must move the whole cache, else beams keep another beam's history. Reference: HF
     generate on the same windowed backbone (it reorders the whole cache)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from latentr3_fast.model import LatentReasoner
-
     tok, trie = tiny_setup["tok"], tiny_setup["trie"]
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
+    model = _tiny_reasoner(
+        tok,
+        Qwen2Config,
+        Qwen2ForCausalLM,
         use_sliding_window=True,
         sliding_window=8,
         max_window_layers=0,
     )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LatentReasoner(Qwen2ForCausalLM(cfg), tok, num_latent=1).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # sharp: beams then differ in what they attend to
-        for p in model.backbone.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    _sharpen(model, 1)  # sharp: beams then differ in what they attend to
     batch = batch_of([0, 3, 5, 8])
     with torch.no_grad():
         _, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
     assert {type(x).__name__ for x in cache.layers} == {"DynamicSlidingWindowLayer"}
     setup = dict(tiny_setup, model=model)
-    ref = hf_generate(setup, batch, 4, lp)
-    ours = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=lp)
-    _assert_same_as_hf(ours, ref, trie, lp)
+    ref = hf_generate(setup, batch, 4, length_penalty)
+    ours = beam_search(
+        model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=length_penalty
+    )
+    _assert_same_as_hf(ours, ref, trie, length_penalty)
 
 
-@pytest.mark.parametrize("lp", [0.0, 1.0])
-def test_logit_scaled_backbone_beam_and_exact_rank(tiny_setup, batch_of, lp):
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_logit_scaled_backbone_beam_and_exact_rank(tiny_setup, batch_of, length_penalty):
     """A Cohere backbone multiplies its logits by logit_scale: beam search must return what
     HF generate returns on it (generate uses the model's own logits), and exact ranking the
     teacher-forced sums of the model's own log-probs."""
     from transformers import CohereConfig, CohereForCausalLM
 
-    from latentr3_fast.model import LatentReasoner
-
     tok, trie = tiny_setup["tok"], tiny_setup["trie"]
-    cfg = CohereConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.eos_token_id,
-        logit_scale=3.0,
+    model = _tiny_reasoner(
+        tok, CohereConfig, CohereForCausalLM, bos_token_id=tok.eos_token_id, logit_scale=3.0
     )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = LatentReasoner(CohereForCausalLM(cfg), tok, num_latent=1).eval()
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.backbone.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    _sharpen(model, 2)
     assert model.logit_scale == 3.0
     batch = batch_of([0, 3, 5])
-    ref = hf_generate(dict(tiny_setup, model=model), batch, 4, lp)
-    ours = beam_search(model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=lp)
-    _assert_same_as_hf(ours, ref, trie, lp)
+    ref = hf_generate(dict(tiny_setup, model=model), batch, 4, length_penalty)
+    ours = beam_search(
+        model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=length_penalty
+    )
+    _assert_same_as_hf(ours, ref, trie, length_penalty)
     with torch.no_grad():
         hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
         latents = model.latents(hidden, batch.prompt_mask, cache)
