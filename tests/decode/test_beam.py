@@ -47,6 +47,14 @@ def _assert_same_as_hf(ours, ref, trie, length_penalty):
         )
 
 
+def _assert_beam_search_matches_hf(setup, batch, num_beams, length_penalty):
+    """beam_search on ``setup["model"]`` returns what HF generate returns."""
+    ref = hf_generate(setup, batch, num_beams, length_penalty)
+    args = (setup["model"], batch.prompt_ids, batch.prompt_mask, setup["trie"], num_beams)
+    ours = beam_search(*args, length_penalty=length_penalty)
+    _assert_same_as_hf(ours, ref, setup["trie"], length_penalty)
+
+
 @pytest.mark.parametrize(
     ("rows", "num_beams", "length_penalty", "with_latent"),
     [
@@ -422,7 +430,7 @@ def test_beam_search_sliding_window_matches_hf_generate(tiny_setup, batch_of, le
     generate on the same windowed backbone (it reorders the whole cache)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tok, trie = tiny_setup["tok"], tiny_setup["trie"]
+    tok = tiny_setup["tok"]
     model = _tiny_reasoner(
         tok,
         Qwen2Config,
@@ -436,12 +444,7 @@ def test_beam_search_sliding_window_matches_hf_generate(tiny_setup, batch_of, le
     with torch.no_grad():
         _, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
     assert {type(x).__name__ for x in cache.layers} == {"DynamicSlidingWindowLayer"}
-    setup = dict(tiny_setup, model=model)
-    ref = hf_generate(setup, batch, 4, length_penalty)
-    ours = beam_search(
-        model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=length_penalty
-    )
-    _assert_same_as_hf(ours, ref, trie, length_penalty)
+    _assert_beam_search_matches_hf(dict(tiny_setup, model=model), batch, 4, length_penalty)
 
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0])
@@ -458,11 +461,7 @@ def test_logit_scaled_backbone_beam_and_exact_rank(tiny_setup, batch_of, length_
     _sharpen(model, 2)
     assert model.logit_scale == 3.0
     batch = batch_of([0, 3, 5])
-    ref = hf_generate(dict(tiny_setup, model=model), batch, 4, length_penalty)
-    ours = beam_search(
-        model, batch.prompt_ids, batch.prompt_mask, trie, 4, length_penalty=length_penalty
-    )
-    _assert_same_as_hf(ours, ref, trie, length_penalty)
+    _assert_beam_search_matches_hf(dict(tiny_setup, model=model), batch, 4, length_penalty)
     with torch.no_grad():
         hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
         latents = model.latents(hidden, batch.prompt_mask, cache)
