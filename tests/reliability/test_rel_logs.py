@@ -14,8 +14,9 @@ import pytest
 from reliability_helpers import count
 from reliability_tiny import tiny_data, tiny_model
 
-from latentr3_fast.train.common import JsonlLogger, checkpoint_dirs
+from latentr3_fast.train.checkpoint import checkpoint_dirs
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
+from latentr3_fast.train.logging_utils import JsonlLogger
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
 GRPO_KEYS = [
