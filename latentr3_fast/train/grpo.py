@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ..errors import ConfigError
 from .distributed import Collectives, UsesCollectives
@@ -351,47 +350,6 @@ class GRPOTrainer(GRPORollout, GRPOValidation, UsesCollectives):
             prm.requires_grad_(False)
         ref.eval()
         return ref
-
-    def _train_mode(self) -> None:
-        # a frozen backbone stays in eval mode: no dropout, so the rollout's log-probs, the
-        # loss pass and the reference model all see the same deterministic policy
-        self.model.train()
-        if self.cfg.trainable == "latent":
-            self.model.backbone.eval()
-
-    # ---------------------------------------------------------------- data layout
-    def _epoch_perm(self, epoch: int) -> Tensor:
-        gen = torch.Generator().manual_seed(int(self.cfg.seed) * 7919 + epoch)
-        return torch.randperm(len(self.train_data), generator=gen)
-
-    def step_sample_indices(self, rollout_index: int) -> list[int]:
-        """Dataset indices of the GLOBAL prompts of one rollout (all ranks)."""
-        p = self.cfg.prompts_per_step
-        epoch, k = divmod(rollout_index, self.steps_per_epoch)
-        return self._epoch_perm(epoch)[k * p : (k + 1) * p].tolist()
-
-    def _collate(self, indices: Sequence[int]):
-        from ..data import collate
-
-        return collate([self.train_data[i] for i in indices], self.pad_id).to(self.model.device)
-
-    def compute_gradients(self, rollout_index: int = 0) -> dict[str, Any]:
-        """Rewards, advantages, loss and gradients of one step WITHOUT updating (for tests
-        and comparisons). Gradients are summed across ranks and left in ``.grad``
-        (not clipped)."""
-        self._train_mode()
-        for prm in self.params:
-            prm.grad = None
-        micro, rewards, adv = self.collect(rollout_index)
-        agg = self.accumulate_gradients(micro, adv)
-        self.comm.all_reduce_gradients(self.params, fill_missing=True)
-        logps = [m.target_logp for m in micro]
-        return {
-            "rewards": rewards,
-            "advantages": adv,
-            "loss": self.comm.sum_scalar(agg["loss"], "loss all-reduce"),
-            "logp": None if any(x is None for x in logps) else logps,
-        }
 
     def train_rollout(self, rollout_index: int | None = None) -> list[dict[str, float]]:
         """One rollout of ``prompts_per_step`` prompts followed by ``num_iterations`` optimizer

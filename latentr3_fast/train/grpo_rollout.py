@@ -19,6 +19,7 @@ A reward that computes the loss on decoded completions (``reward="hit"``) needs 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +54,13 @@ def local_prompt_positions(
     return out
 
 
-def step_noise(seed: int, rollout_index: int, num_prompts: int, g: int, dim: int) -> Tensor:
-    """eps ~ N(0, 1) of one rollout: [num_prompts, G-1, dim] fp32 on CPU, a pure function of
-    (seed, rollout index) so runs resume exactly and ranks agree."""
+def step_noise(
+    seed: int, rollout_index: int, num_prompts: int, num_generations: int, dim: int
+) -> Tensor:
+    """eps ~ N(0, 1) of one rollout (paper Eq. 5): [num_prompts, G-1, dim] fp32 on CPU, a pure
+    function of (seed, rollout index) so runs resume exactly and ranks agree."""
     gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(rollout_index)) % (2**63))
-    return torch.randn(num_prompts, g - 1, dim, generator=gen, dtype=torch.float32)
+    return torch.randn(num_prompts, num_generations - 1, dim, generator=gen, dtype=torch.float32)
 
 
 @dataclass
@@ -79,8 +82,31 @@ class _MicroState:
 
 
 class GRPORollout:
-    """Rollout and loss pass of :class:`.grpo.GRPOTrainer` (a mixin: it uses the trainer's
-    ``cfg``, ``model``, ``reward``, ``ref_model``, ``comm`` and data layout)."""
+    """Data layout, rollout and loss pass of :class:`.grpo.GRPOTrainer` (a mixin: it uses the
+    trainer's ``cfg``, ``model``, ``train_data``, ``reward``, ``ref_model`` and ``comm``)."""
+
+    def _train_mode(self) -> None:
+        # a frozen backbone stays in eval mode: no dropout, so the rollout's log-probs, the
+        # loss pass and the reference model all see the same deterministic policy
+        self.model.train()
+        if self.cfg.trainable == "latent":
+            self.model.backbone.eval()
+
+    # ---------------------------------------------------------------- data layout
+    def _epoch_perm(self, epoch: int) -> Tensor:
+        gen = torch.Generator().manual_seed(int(self.cfg.seed) * 7919 + epoch)
+        return torch.randperm(len(self.train_data), generator=gen)
+
+    def step_sample_indices(self, rollout_index: int) -> list[int]:
+        """Dataset indices of the GLOBAL prompts of one rollout (all ranks)."""
+        p = self.cfg.prompts_per_step
+        epoch, k = divmod(rollout_index, self.steps_per_epoch)
+        return self._epoch_perm(epoch)[k * p : (k + 1) * p].tolist()
+
+    def _collate(self, indices: Sequence[int]):
+        from ..data import collate
+
+        return collate([self.train_data[i] for i in indices], self.pad_id).to(self.model.device)
 
     # ---------------------------------------------------------------- forwards
     def _prompt_state(self, model, batch, grad: bool) -> tuple[Tensor, Any]:
@@ -266,6 +292,24 @@ class GRPORollout:
             ]
         ).float()
         return micro, rewards, adv
+
+    def compute_gradients(self, rollout_index: int = 0) -> dict[str, Any]:
+        """Rewards, advantages, loss and gradients of one step WITHOUT updating (for tests
+        and comparisons). Gradients are summed across ranks and left in ``.grad``
+        (not clipped)."""
+        self._train_mode()
+        for prm in self.params:
+            prm.grad = None
+        micro, rewards, adv = self.collect(rollout_index)
+        agg = self.accumulate_gradients(micro, adv)
+        self.comm.all_reduce_gradients(self.params, fill_missing=True)
+        logps = [m.target_logp for m in micro]
+        return {
+            "rewards": rewards,
+            "advantages": adv,
+            "loss": self.comm.sum_scalar(agg["loss"], "loss all-reduce"),
+            "logp": None if any(x is None for x in logps) else logps,
+        }
 
     def _adv_group(self) -> Any:
         """The process group of the advantage statistics (None in one process)."""

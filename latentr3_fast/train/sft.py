@@ -31,7 +31,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,6 @@ import torch
 
 from ..data import Batch, EncodedSample, batch_indices, collate
 from ..errors import ConfigError, TrainingError
-from .checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
 from .distributed import Collectives, UsesCollectives
 from .interrupt import (
     TrainingInterrupted,
@@ -245,62 +240,6 @@ class SFTTrainer(SFTValidation, UsesCollectives):
         train = dataset.train[: config.max_train_samples]
         valid = dataset.valid[: config.max_eval_samples]
         return cls(model, config, builder.encode_many(train), builder.encode_many(valid), **kwargs)
-
-    # ------------------------------------------------------------------ state
-    def trainer_state(self) -> dict[str, Any]:
-        """JSON-able loop state (data position included)."""
-        return {
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "micro": self.micro,
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "bad_evals": self.bad_evals,
-            "applied_since_eval": self.applied_since_eval,
-            "stopped_early": self.stopped_early,
-            "history": self.history,
-            "last_eval_step": self.last_eval_step,
-            "guard": self.guard.state_dict(),
-            "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
-        }
-
-    def resume(self) -> bool:
-        """Load the newest checkpoint of ``output_dir`` (False when there is none)."""
-        ckpt = latest_checkpoint(self.out) if self.out is not None else None
-        if ckpt is None:
-            return False
-        st = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-        self.global_step = int(st["global_step"])
-        self.epoch = int(st["epoch"])
-        self.micro = int(st["micro"])
-        self.best_val = st["best_val"]
-        self.best_step = st["best_step"]
-        self.bad_evals = int(st["bad_evals"])
-        self.applied_since_eval = int(st.get("applied_since_eval", 1))
-        self.stopped_early = bool(st["stopped_early"])
-        self.history = list(st["history"])
-        self.last_eval_step = int(st["last_eval_step"])
-        self.guard.load_state_dict(st.get("guard", {}))
-        return True
-
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint (rank 0; the other ranks wait at a barrier so none reads a
-        half-written directory). Collective when distributed: call on every rank."""
-        if self.out is None:
-            return None
-        path = None
-        if self.is_main:
-            path = save_checkpoint(
-                self.out,
-                self.global_step,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.trainer_state(),
-                keep_last=self.cfg.keep_checkpoints,
-            )
-        self.comm.barrier("checkpoint")
-        return path
 
     # ------------------------------------------------------------------ pieces
     def _autocast(self):

@@ -1,5 +1,5 @@
-"""SFT validation, early stopping and best-weights keeping (paper Sec. 3.2.1: the warm-up is
-selected on the validation loss of Eq. 4, per target token).
+"""SFT validation, early stopping, best-weights keeping and checkpoints. Validation measures
+the warm-up loss (paper Sec. 3.2.1, Eq. 4) per target token on the validation split.
 
 Distributed: the validation batches are dealt round-robin to the ranks and the nll sums and
 token counts are all-reduced, so every rank takes the same keep/stop decision; rank 0 alone
@@ -10,22 +10,88 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..data import EncodedSample, batch_indices
 from ..errors import ConfigError, TrainingError
 from .atomic import atomic_dir
-from .checkpoint import latest_checkpoint, load_model_weights, save_model_weights
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+    save_model_weights,
+)
 from .sft_objective import sft_loss
 
 __all__ = ["SFTValidation"]
 
 
 class SFTValidation:
-    """Validation and best weights of :class:`.sft.SFTTrainer` (a mixin: it uses the trainer's
-    ``cfg``, ``model``, ``comm``, data and loop state)."""
+    """Validation, best weights and checkpoints of :class:`.sft.SFTTrainer` (a mixin: it uses
+    the trainer's ``cfg``, ``model``, ``comm``, optimizer, data and loop state)."""
 
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict[str, Any]:
+        """JSON-able loop state (data position included)."""
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "micro": self.micro,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "applied_since_eval": self.applied_since_eval,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+            "last_eval_step": self.last_eval_step,
+            "guard": self.guard.state_dict(),
+            "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
+        }
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of ``output_dir`` (False when there is none)."""
+        ckpt = latest_checkpoint(self.out) if self.out is not None else None
+        if ckpt is None:
+            return False
+        st = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.global_step = int(st["global_step"])
+        self.epoch = int(st["epoch"])
+        self.micro = int(st["micro"])
+        self.best_val = st["best_val"]
+        self.best_step = st["best_step"]
+        self.bad_evals = int(st["bad_evals"])
+        self.applied_since_eval = int(st.get("applied_since_eval", 1))
+        self.stopped_early = bool(st["stopped_early"])
+        self.history = list(st["history"])
+        self.last_eval_step = int(st["last_eval_step"])
+        self.guard.load_state_dict(st.get("guard", {}))
+        return True
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint (rank 0; the other ranks wait at a barrier so none reads a
+        half-written directory). Collective when distributed: call on every rank."""
+        if self.out is None:
+            return None
+        path = None
+        if self.is_main:
+            path = save_checkpoint(
+                self.out,
+                self.global_step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.trainer_state(),
+                keep_last=self.cfg.keep_checkpoints,
+            )
+        self.comm.barrier("checkpoint")
+        return path
+
+    # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def evaluate(self, data: Sequence[EncodedSample] | None = None) -> float:
         """Mean target-token cross-entropy (nats/token) over ``data`` (default: validation).
