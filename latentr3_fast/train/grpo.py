@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +113,15 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int = 200
     schedule: str = "cosine"  # "cosine" | "linear" | "constant"
-    optimizer: str = "adamw"  # "adamw" | "adamw_8bit"
+    optim: str = "adamw"  # "adamw" | "adamw_8bit"
     adam_betas: tuple[float, float] = (0.9, 0.999)
     epochs: float = 1.0
     max_steps: int | None = None  # cap on optimizer steps
     seed: int = 0
     # bookkeeping
-    log_every: int = 1
-    save_every: int | None = None  # optimizer steps between checkpoints (None: only at end)
-    save_total_limit: int = 2  # checkpoints kept (0 = all)
+    logging_steps: int = 1
+    save_steps: int | None = None  # optimizer steps between checkpoints (None: only at end)
+    keep_checkpoints: int = 2  # checkpoints kept (0 = all)
     resume: bool = False
     progress: bool = True
     max_bad_steps: int = 5  # consecutive non-finite steps before TrainingError
@@ -136,7 +136,6 @@ class GRPOConfig:
     eval_batch_size: int = 16
     patience: int | None = None  # stop after this many validations without improvement
     load_best_at_end: bool = True  # False: keep the last step's weights (the reference)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def advantage_prompts(self) -> int:
@@ -156,7 +155,7 @@ class GRPOConfig:
             "loss_pass": ("keep_graph", "recompute"),
             "trainable": ("latent", "all"),
             "schedule": ("cosine", "linear", "constant"),
-            "optimizer": ("adamw", "adamw_8bit"),
+            "optim": ("adamw", "adamw_8bit"),
             "eval_metric": ("reward", "nll"),
         }
         for name, allowed in choices.items():
@@ -178,7 +177,7 @@ class GRPOConfig:
                 f"GRPOConfig.num_generations must be >= 2 (1 clean + noisy rows), "
                 f"got {self.num_generations}"
             )
-        for name in ("prompts_per_step", "micro_batch_prompts", "num_iterations", "log_every"):
+        for name in ("prompts_per_step", "micro_batch_prompts", "num_iterations", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.sigma < 0 or not math.isfinite(self.sigma):
@@ -275,7 +274,7 @@ class GRPOTrainer(GRPORollout, GRPOValidation, UsesCollectives):
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.optimizer = build_optimizer(
-            self.params, config.optimizer, config.lr, config.weight_decay, config.adam_betas
+            self.params, config.optim, config.lr, config.weight_decay, config.adam_betas
         )
         self.scheduler = build_scheduler(
             self.optimizer, config.schedule, config.warmup_steps, self.total_steps
@@ -436,7 +435,7 @@ class GRPOTrainer(GRPORollout, GRPOValidation, UsesCollectives):
                 before = self.global_step
                 for met in self.train_rollout():
                     self.history.append(met)
-                    if met["step"] % cfg.log_every == 0:
+                    if met["step"] % cfg.logging_steps == 0:
                         logger.log(met, step=int(met["step"]))
                     bar.update(1)
                     bar.set_postfix(
@@ -452,8 +451,8 @@ class GRPOTrainer(GRPORollout, GRPOValidation, UsesCollectives):
                     bar.set_postfix(self._val_postfix(), refresh=False)
                 if (
                     self.out_dir is not None
-                    and cfg.save_every
-                    and self.global_step % cfg.save_every < cfg.num_iterations
+                    and cfg.save_steps
+                    and self.global_step % cfg.save_steps < cfg.num_iterations
                     and self.global_step < stop
                     and not self.stopped_early
                 ):

@@ -215,7 +215,7 @@ class GRPOValidation:
     def save_checkpoint(self) -> Path | None:
         """Atomic checkpoint ``output_dir/checkpoints/step-XXXXXXXX`` (rank 0): trainable weights
         (LatentRATT only when the backbone is frozen), optimizer, scheduler, RNG, the data
-        position and the best weights; keeps the newest ``save_total_limit``."""
+        position and the best weights; keeps the newest ``keep_checkpoints``."""
         if self.out_dir is None or self.rank != 0:
             return None
         state = {
@@ -225,7 +225,7 @@ class GRPOValidation:
             "guard": self.guard.state_dict(),
             "trainable": self.cfg.trainable,
             "estimator": self.cfg.estimator,
-            "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
+            "config": asdict(self.cfg),
             "validation": {
                 "metric": self.cfg.eval_metric,
                 "best_value": self.best_value,
@@ -238,9 +238,9 @@ class GRPOValidation:
         }
         # the best weights travel inside the checkpoint (atomic with the state naming them);
         # when the best step is this step they are the checkpoint's own weights
-        extra = None
+        extra_weights = None
         if self._best_state is not None and self.best_step != self.global_step:
-            extra = {BEST_WEIGHTS: self._best_state}
+            extra_weights = {BEST_WEIGHTS: self._best_state}
         return save_checkpoint(
             self.out_dir,
             self.global_step,
@@ -248,8 +248,8 @@ class GRPOValidation:
             self.optimizer,
             self.scheduler,
             trainer_state=json.loads(json.dumps(state, default=str)),
-            keep_last=self.cfg.save_total_limit,
-            extra_weights=extra,
+            keep_last=self.cfg.keep_checkpoints,
+            extra_weights=extra_weights,
         )
 
     def resume(self) -> bool:

@@ -31,7 +31,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,6 @@ class SFTConfig:
     resume: bool = False
     max_bad_steps: int = 5
     bucket_mb: int = 64  # size of one gradient all-reduce bucket (fp32 MiB), distributed only
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in the log
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad option."""

@@ -50,7 +50,7 @@ class SFTValidation:
             "history": self.history,
             "last_eval_step": self.last_eval_step,
             "guard": self.guard.state_dict(),
-            "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
+            "config": asdict(self.cfg),
         }
 
     def resume(self) -> bool:

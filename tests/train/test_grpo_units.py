@@ -322,7 +322,7 @@ def test_hit_reward_with_constrained_beam_search():
 def test_train_logs_checkpoints_and_resumes(tmp_path):
     samples, model, ref_model = resume_setup()  # reference: 4 uninterrupted steps
     # interrupted: 2 steps, then a new trainer resumes from the checkpoint to 4
-    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=4, save_every=1, **RESUME_RUN)
+    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=4, save_steps=1, **RESUME_RUN)
     tr = GRPOTrainer(model, cfg, samples)
     hist = tr.train(num_steps=2)  # "crash" after 2 of 4 steps
     assert len(hist) == 2 and (tmp_path / "checkpoints" / "step-00000002").is_dir()

@@ -48,7 +48,7 @@ def test_grpo_checkpoints_on_interrupt_and_resumes_exactly(tmp_path, monkeypatch
     tr = GRPOTrainer(
         model, GRPOConfig(output_dir=str(tmp_path), max_steps=4, **RESUME_RUN), samples
     )
-    # a signal arrives during step 2 (no save_every: nothing would be saved before the end)
+    # a signal arrives during step 2 (no save_steps: nothing would be saved before the end)
     monkeypatch.setattr(grpo_mod, "interrupt_requested", lambda: tr.global_step >= 2)
     with pytest.raises(TrainingInterrupted) as exc:
         tr.train()
