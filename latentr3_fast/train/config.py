@@ -305,7 +305,7 @@ class RunConfig:
         if self.estimator == "score" and self.beta != 0.0:
             raise ConfigError("--beta is defined on target log-probs: use --estimator reparam")
         if self.optim == "adamw_8bit":
-            from .common import check_bitsandbytes
+            from .optim import check_bitsandbytes
 
             check_bitsandbytes("--optim adamw_8bit")
         if self.estimator == "score" and self.num_latent > 1:

@@ -1,4 +1,4 @@
-"""Stage 1: supervised warm-up of the backbone and LatentRATT (SPEC section 4).
+"""Stage 1: supervised warm-up of the backbone and LatentRATT (paper Sec. 3.2.1, Eq. 4).
 
 Per micro-batch: ONE prompt forward with grad (final-norm hidden states + KV cache), the
 latent(s) from LatentRATT, ONE suffix forward of ``[r, target[:-1]]`` on that cache, and the
@@ -31,38 +31,33 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..data import Batch, EncodedSample, batch_indices, collate
 from ..errors import ConfigError, TrainingError
-from .common import (
-    OPTIMIZERS,
-    SCHEDULES,
-    JsonlLogger,
-    NonFiniteGuard,
-    atomic_dir,
-    build_optimizer,
-    build_scheduler,
-    clip_grad_norm,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_weights,
-    progress_bar,
-    save_checkpoint,
-    save_model_weights,
-    seed_everything,
-)
+from .distributed import Collectives, UsesCollectives
 from .interrupt import (
     TrainingInterrupted,
     deferred_interrupts,
     honour_interrupt,
     interrupt_requested,
 )
+from .logging_utils import JsonlLogger, progress_bar
+from .optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    NonFiniteGuard,
+    build_optimizer,
+    build_scheduler,
+    clip_grad_norm,
+)
+from .rng import seed_everything
+from .sft_objective import rank_share, sft_loss
+from .sft_validation import SFTValidation
 
 __all__ = ["SFTConfig", "SFTResult", "SFTTrainer", "rank_share", "sft_loss"]
 
@@ -101,7 +96,6 @@ class SFTConfig:
     resume: bool = False
     max_bad_steps: int = 5
     bucket_mb: int = 64  # size of one gradient all-reduce bucket (fp32 MiB), distributed only
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form, stored in the log
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad option."""
@@ -144,38 +138,7 @@ class SFTResult:
     best_dir: str | None
 
 
-def sft_loss(model: Any, batch: Batch, num_tokens: int | torch.Tensor | None = None):
-    """Sum of target-token negative log-likelihoods divided by ``num_tokens``.
-
-    Args:
-        model: a LatentReasoner.
-        batch: collated batch on the model's device.
-        num_tokens: normaliser (default: the batch's own target-token count).
-    Returns:
-        ``(loss, nll_sum)``: 0-d fp32 tensors; ``nll_sum`` is detached.
-    """
-    hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
-    r = model.latents(hidden, batch.prompt_mask, cache)
-    h = model.suffix_forward(cache, batch.prompt_mask, r, batch.target_ids)
-    logp = model.target_logprobs(h, batch.target_ids, batch.target_mask)  # 0 at padding
-    nll = -logp.sum()
-    denom = batch.target_mask.sum() if num_tokens is None else num_tokens
-    return nll / denom, nll.detach()
-
-
-def rank_share(indices: Sequence[int], world: int, rank: int) -> list[int]:
-    """The contiguous share of one step's global sample ``indices`` that ``rank`` trains on.
-
-    Shares differ in size by at most one (the first ``len % world`` ranks get the extra
-    sample); a rank may get none when the step holds fewer samples than ranks.
-    """
-    n = len(indices)
-    lo = rank * (n // world) + min(rank, n % world)
-    hi = lo + n // world + (1 if rank < n % world else 0)
-    return list(indices[lo:hi])
-
-
-class SFTTrainer:
+class SFTTrainer(SFTValidation, UsesCollectives):
     """Supervised training of a LatentReasoner on (prompt, target) pairs.
 
     Args:
@@ -202,11 +165,7 @@ class SFTTrainer:
         config.validate()
         self.model = model
         self.cfg = config
-        self.group = process_group
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.world = dist.get_world_size(process_group) if self.distributed else 1
-        self.rank = dist.get_rank(process_group) if self.distributed else 0
-        self.is_main = self.rank == 0
+        self.comm = Collectives(process_group, "SFT", lambda: self.global_step + 1)
         self.train_data = list(train_data)[: config.max_train_samples]
         self.valid_data = list(valid_data or [])[: config.max_eval_samples]
         if not self.train_data:
@@ -281,134 +240,6 @@ class SFTTrainer:
         valid = dataset.valid[: config.max_eval_samples]
         return cls(model, config, builder.encode_many(train), builder.encode_many(valid), **kwargs)
 
-    # ------------------------------------------------------------------ state
-    def trainer_state(self) -> dict[str, Any]:
-        """JSON-able loop state (data position included)."""
-        return {
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "micro": self.micro,
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "bad_evals": self.bad_evals,
-            "applied_since_eval": self.applied_since_eval,
-            "stopped_early": self.stopped_early,
-            "history": self.history,
-            "last_eval_step": self.last_eval_step,
-            "guard": self.guard.state_dict(),
-            "config": {k: v for k, v in asdict(self.cfg).items() if k != "extra"},
-        }
-
-    def resume(self) -> bool:
-        """Load the newest checkpoint of ``output_dir`` (False when there is none)."""
-        ckpt = latest_checkpoint(self.out) if self.out is not None else None
-        if ckpt is None:
-            return False
-        st = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-        self.global_step = int(st["global_step"])
-        self.epoch = int(st["epoch"])
-        self.micro = int(st["micro"])
-        self.best_val = st["best_val"]
-        self.best_step = st["best_step"]
-        self.bad_evals = int(st["bad_evals"])
-        self.applied_since_eval = int(st.get("applied_since_eval", 1))
-        self.stopped_early = bool(st["stopped_early"])
-        self.history = list(st["history"])
-        self.last_eval_step = int(st["last_eval_step"])
-        self.guard.load_state_dict(st.get("guard", {}))
-        return True
-
-    def save_checkpoint(self) -> Path | None:
-        """Write a checkpoint (rank 0; the other ranks wait at a barrier so none reads a
-        half-written directory). Collective when distributed: call on every rank."""
-        if self.out is None:
-            return None
-        path = None
-        if self.is_main:
-            path = save_checkpoint(
-                self.out,
-                self.global_step,
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.trainer_state(),
-                keep_last=self.cfg.keep_checkpoints,
-            )
-        self._barrier("checkpoint")
-        return path
-
-    # ------------------------------------------------------------------ collectives
-    def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run a collective; a dead peer or a timeout becomes one clear TrainingError."""
-        try:
-            return fn()
-        except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo/NCCL errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise TrainingError(
-                f"SFT rank {self.rank}/{self.world}: {what} failed at step "
-                f"{self.global_step + 1} -- another rank probably died or the process-group "
-                f"timeout passed ({first[:300]}). Checkpoints written so far are intact "
-                "(--resume continues)."
-            ) from exc
-
-    def _barrier(self, what: str) -> None:
-        if self.distributed and self.world > 1:
-            self._collective(f"barrier after {what}", lambda: dist.barrier(group=self.group))
-
-    def _all_reduce_(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        """In-place sum over ranks (no-op in one process)."""
-        if self.distributed and self.world > 1:
-            self._collective(what, lambda: dist.all_reduce(t, group=self.group))
-        return t
-
-    def _all_reduce_grads(self, extra: torch.Tensor) -> torch.Tensor:
-        """Sum the gradients over ranks in coalesced fp32 buckets; ``extra`` (a small fp32
-        vector, e.g. the loss share) rides in the first bucket. Returns the summed ``extra``.
-
-        A parameter gets a gradient (zeros where a rank had none) when any rank produced one;
-        one with no gradient on every rank keeps ``grad=None`` (as in one process, so AdamW
-        skips it identically).
-        """
-        if not (self.distributed and self.world > 1):
-            return extra
-        params = self.params
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
-        head = torch.cat([extra.float().reshape(-1).to(self.device), has.to(self.device)])
-        cap = max(1, self.cfg.bucket_mb * (1 << 20) // 4)
-        buckets: list[list[torch.nn.Parameter]] = [[]]
-        size = 0
-        for p in params:
-            if buckets[-1] and size + p.numel() > cap:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(p)
-            size += p.numel()
-        for i, bucket in enumerate(buckets):
-            parts = [head] if i == 0 else []
-            parts += [
-                (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                for p in bucket
-            ]
-            flat = torch.cat(parts)
-            self._all_reduce_(flat, "gradient all-reduce")
-            off = 0
-            if i == 0:
-                head = flat[: head.numel()].clone()
-                off = head.numel()
-            for p in bucket:
-                n = p.numel()
-                g = flat[off : off + n].view_as(p)
-                if p.grad is None:
-                    p.grad = g.to(p.dtype).clone()
-                else:
-                    p.grad.copy_(g)
-                off += n
-        used = head[extra.numel() :].cpu() > 0
-        for p, u in zip(params, used.tolist()):
-            if not u:
-                p.grad = None
-        return head[: extra.numel()].view_as(extra)
-
     # ------------------------------------------------------------------ pieces
     def _autocast(self):
         if self.use_bf16:
@@ -423,32 +254,6 @@ class SFTTrainer:
         return batch_indices(
             len(self.train_data), self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + epoch
         )
-
-    @torch.no_grad()
-    def evaluate(self, data: Sequence[EncodedSample] | None = None) -> float:
-        """Mean target-token cross-entropy (nats/token) over ``data`` (default: validation).
-
-        Distributed: the batches are dealt round-robin to the ranks and the nll sums and token
-        counts are all-reduced, so every rank returns the same value (call on every rank).
-        """
-        data = self.valid_data if data is None else list(data)
-        if not data:
-            raise ConfigError("SFTTrainer.evaluate: no validation data")
-        was_training = self.model.training
-        self.model.eval()
-        # [nll sum, target-token count]; fp64 so the sum does not depend much on the split
-        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-        batches = batch_indices(len(data), self.cfg.eval_batch_size)
-        for idx in batches[self.rank :: self.world]:
-            batch = self._batches(data, idx)
-            with self._autocast():
-                _, nll = sft_loss(self.model, batch)
-            acc[0] += nll.double()
-            acc[1] += sum(len(data[i].target_ids) for i in idx)
-        self.model.train(was_training)
-        self._all_reduce_(acc, "validation all-reduce")
-        total, count = acc.tolist()
-        return total / max(1.0, count)
 
     def step_micro_batches(self, windows: list[list[int]]) -> list[list[int]]:
         """This rank's micro-batches (index lists) of the optimizer step whose GLOBAL
@@ -479,7 +284,10 @@ class SFTTrainer:
                 loss, _ = sft_loss(self.model, batch, n_tok)
             loss.backward()
             loss_sum += loss.detach().float()
-        loss_sum = self._all_reduce_grads(loss_sum.reshape(1)).reshape(())
+        bucket_numel = max(1, self.cfg.bucket_mb * (1 << 20) // 4)
+        loss_sum = self.comm.all_reduce_gradients(
+            self.params, loss_sum.reshape(1), bucket_numel
+        ).reshape(())
         grad_norm = clip_grad_norm(self.params, self.cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         try:
@@ -511,61 +319,10 @@ class SFTTrainer:
     def _interrupt_requested(self) -> bool:
         """A deferred Ctrl-C/SIGTERM on any rank (all ranks agree, so all checkpoint)."""
         flag = interrupt_requested()
-        if self.distributed and self.world > 1:
+        if self.comm.active:
             t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            flag = bool(self._all_reduce_(t, "interrupt flag").item() > 0)
+            flag = bool(self.comm.all_reduce_(t, "interrupt flag").item() > 0)
         return flag
-
-    def _resume_hint(self) -> str:
-        """Names the last good checkpoint (rank 0 alone owns the dir; listing may tidy it)."""
-        last = latest_checkpoint(self.out) if self.out is not None and self.is_main else None
-        if last:
-            return f"last good checkpoint: {last} (--resume continues from it)"
-        return "no checkpoint was written yet"
-
-    def _validate_and_track(self, kind: str) -> bool:
-        """Validate, update best / early stopping; True when training should stop."""
-        if not self.valid_data:
-            return False
-        val = self.evaluate()
-        self.last_eval_step = self.global_step
-        applied, self.applied_since_eval = self.applied_since_eval, 0
-        if not math.isfinite(val):
-            raise TrainingError(
-                f"SFT stopped at step {self.global_step}: the validation loss is {val} (the "
-                f"model's outputs are non-finite); {self._resume_hint()}"
-            )
-        improved = self.best_val is None or val < self.best_val
-        if self.cfg.progress and self.is_main:  # on the console too, not only in the log
-            from tqdm.auto import tqdm
-
-            label = self.out.name if self.out is not None else "sft"
-            tqdm.write(
-                f"{label} step {self.global_step}: validation loss {val:.4f}"
-                + (" (best so far)" if improved else f" (best {self.best_val:.4f})")
-            )
-        rec = {"event": kind, "epoch": self.epoch, "val_loss": val, "improved": improved}
-        self.history.append({"step": self.global_step, **rec})
-        if self._logger is not None:
-            self._logger.log(rec, step=self.global_step)
-        if improved:
-            self.best_val, self.best_step, self.bad_evals = val, self.global_step, 0
-            if self.out is not None:
-                if self.is_main:
-                    atomic_dir(self.out / "best", lambda d: save_model_weights(self.model, d))
-                self._barrier("best model")
-            elif self.cfg.load_best_at_end:  # no output dir: keep the best weights in memory
-                self._best_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
-                }
-            return False
-        if applied == 0:
-            # every step since the last validation was skipped (non-finite): the weights did
-            # not move, so let the guard decide (it raises after max_bad_steps) instead of
-            # ending the run as an early stop
-            return False
-        self.bad_evals += 1
-        return self.bad_evals >= self.cfg.patience
 
     # ------------------------------------------------------------------ loop
     def train(self) -> SFTResult:
@@ -574,90 +331,25 @@ class SFTTrainer:
         cfg = self.cfg
         if self.global_step == 0 and self.micro == 0 and self.epoch == 0:
             seed_everything(cfg.seed)
-        if self.out is not None and self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tb = self.out / "tensorboard" if cfg.tensorboard else None
-            # resume_step: drop records a killed run logged after its last checkpoint
-            self._logger = JsonlLogger(
-                self.out / "sft_log.jsonl", tensorboard_dir=tb, resume_step=self.global_step
-            )
+        self._open_logger()
         bar = progress_bar(
             self.total_steps, "sft", cfg.progress and self.is_main, initial=self.global_step
         )
         self.model.train()
         done = self.stopped_early or self.global_step >= self.total_steps
-        t0, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
+        window = _LogWindow()
         interrupts = deferred_interrupts()  # Ctrl-C/SIGTERM: finish the step, checkpoint, stop
         interrupts.__enter__()
         try:
             while not done and self.epoch < cfg.epochs:
-                order = self.epoch_order(self.epoch)
-                while self.micro < len(order) and not done:
-                    windows = order[self.micro : self.micro + cfg.grad_accum]
-                    rec = self._train_step(windows)
-                    self.micro += len(windows)
-                    self.global_step += 1
-                    tok_window += rec["tokens"]
-                    loss_window += rec["loss"]
-                    n_window += 1
-                    dt = time.perf_counter() - t0
-                    rec["tokens_per_s"] = tok_window / dt if dt > 0 else 0.0
-                    rec["epoch"] = self.epoch + self.micro / len(order)
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{rec['loss']:.4f}",
-                        lr=f"{rec['lr']:.2e}",
-                        tok_s=f"{rec['tokens_per_s']:.0f}",
-                    )
-                    if self.global_step % cfg.logging_steps == 0 or self.global_step == 1:
-                        if self._logger is not None:
-                            self._logger.log(
-                                {**rec, "loss_avg": loss_window / n_window},
-                                step=self.global_step,
-                            )
-                        t0, tok_window, loss_window, n_window = time.perf_counter(), 0, 0.0, 0
-                    for cb in self.callbacks:
-                        cb(self, rec)
-                    if cfg.eval_steps and self.global_step % cfg.eval_steps == 0:
-                        self.stopped_early = self._validate_and_track("eval")
-                        done = self.stopped_early
-                    if self.global_step >= self.total_steps:
-                        done = True
-                    at_epoch_end = self.micro >= len(order)
-                    if (at_epoch_end or done) and self.last_eval_step != self.global_step:
-                        stop = self._validate_and_track("epoch_end" if at_epoch_end else "final")
-                        if at_epoch_end and stop:
-                            self.stopped_early = done = True
-                    if at_epoch_end:
-                        self.epoch += 1
-                        self.micro = 0
-                    saving = cfg.save_steps and self.global_step % cfg.save_steps == 0
-                    if at_epoch_end or done or saving:
-                        self.save_checkpoint()
-                    if self._interrupt_requested():
-                        honour_interrupt()
-                        if not (at_epoch_end or done or saving):
-                            self.save_checkpoint()
-                        where = f"checkpoint saved in {self.out}" if self.out else "no output dir"
-                        raise TrainingInterrupted(
-                            f"SFT interrupted after step {self.global_step}: {where} "
-                            "(--resume continues from it)"
-                        )
-                    if at_epoch_end:
-                        break  # next epoch: new order
+                done = self._train_epoch(bar, window)
         finally:
             interrupts.__exit__(None, None, None)
             bar.close()
             if self._logger is not None:
                 self._logger.close()
                 self._logger = None
-        best_dir = None
-        if self.out is not None and (self.out / "best").is_dir():
-            best_dir = str(self.out / "best")
-            if cfg.load_best_at_end:
-                load_model_weights(self.model, self.out / "best")
-        elif cfg.load_best_at_end and self._best_state is not None:
-            self.model.load_state_dict(self._best_state)
+        best_dir = self._restore_best()
         return SFTResult(
             global_step=self.global_step,
             epochs_completed=self.epoch,
@@ -667,3 +359,99 @@ class SFTTrainer:
             history=list(self.history),
             best_dir=best_dir,
         )
+
+    def _open_logger(self) -> None:
+        """Rank 0 with an output dir: the JSON-lines log (and TensorBoard when asked)."""
+        if self.out is not None and self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tb = self.out / "tensorboard" if self.cfg.tensorboard else None
+            # resume_step: drop records a killed run logged after its last checkpoint
+            self._logger = JsonlLogger(
+                self.out / "sft_log.jsonl", tensorboard_dir=tb, resume_step=self.global_step
+            )
+
+    def _train_epoch(self, bar: Any, window: _LogWindow) -> bool:
+        """The remaining optimizer steps of the current epoch; True when training is done."""
+        cfg = self.cfg
+        order = self.epoch_order(self.epoch)
+        done = False
+        while self.micro < len(order) and not done:
+            windows = order[self.micro : self.micro + cfg.grad_accum]
+            rec = self._train_step(windows)
+            self.micro += len(windows)
+            self.global_step += 1
+            self._report_step(rec, len(order), bar, window)
+            at_epoch_end = self.micro >= len(order)
+            done = self._end_step(at_epoch_end)
+            if at_epoch_end:
+                break  # next epoch: new order
+        return done
+
+    def _report_step(
+        self, rec: dict[str, Any], epoch_len: int, bar: Any, window: _LogWindow
+    ) -> None:
+        """Throughput, progress bar, the log every ``logging_steps`` steps, callbacks."""
+        window.tokens += rec["tokens"]
+        window.loss += rec["loss"]
+        window.steps += 1
+        dt = time.perf_counter() - window.start
+        rec["tokens_per_s"] = window.tokens / dt if dt > 0 else 0.0
+        rec["epoch"] = self.epoch + self.micro / epoch_len
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{rec['loss']:.4f}",
+            lr=f"{rec['lr']:.2e}",
+            tok_s=f"{rec['tokens_per_s']:.0f}",
+        )
+        if self.global_step % self.cfg.logging_steps == 0 or self.global_step == 1:
+            if self._logger is not None:
+                self._logger.log(
+                    {**rec, "loss_avg": window.loss / window.steps}, step=self.global_step
+                )
+            window.reset()
+        for cb in self.callbacks:
+            cb(self, rec)
+
+    def _end_step(self, at_epoch_end: bool) -> bool:
+        """After an optimizer step: validation (every ``eval_steps``, at epoch ends and at the
+        last step), the epoch counter, checkpoints and a deferred interrupt. True when done."""
+        cfg = self.cfg
+        done = False
+        if cfg.eval_steps and self.global_step % cfg.eval_steps == 0:
+            self.stopped_early = self._validate_and_track("eval")
+            done = self.stopped_early
+        if self.global_step >= self.total_steps:
+            done = True
+        if (at_epoch_end or done) and self.last_eval_step != self.global_step:
+            stop = self._validate_and_track("epoch_end" if at_epoch_end else "final")
+            if at_epoch_end and stop:
+                self.stopped_early = done = True
+        if at_epoch_end:
+            self.epoch += 1
+            self.micro = 0
+        saving = cfg.save_steps and self.global_step % cfg.save_steps == 0
+        if at_epoch_end or done or saving:
+            self.save_checkpoint()
+        if self._interrupt_requested():
+            honour_interrupt()
+            if not (at_epoch_end or done or saving):
+                self.save_checkpoint()
+            where = f"checkpoint saved in {self.out}" if self.out else "no output dir"
+            raise TrainingInterrupted(
+                f"SFT interrupted after step {self.global_step}: {where} "
+                "(--resume continues from it)"
+            )
+        return done
+
+
+class _LogWindow:
+    """Tokens, loss sum and steps since the last logged step (for tokens/s and loss_avg)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.loss = 0.0
+        self.steps = 0

@@ -39,7 +39,7 @@ def build():
     from reliability_tiny import tiny_model
 
     from latentr3_fast.data import train_tokenizer
-    from latentr3_fast.train.common import build_optimizer, build_scheduler
+    from latentr3_fast.train.optim import build_optimizer, build_scheduler
 
     tok = train_tokenizer(['"a b c"\n', "hello world"] * 3, vocab_size=280)
     model = tiny_model(tok, num_heads=4, num_kv_heads=2)
@@ -64,7 +64,7 @@ def set_step(model, opt, base, s: int) -> None:
 def verify(out: Path, base) -> tuple[int, list[str], int, list[str]]:
     """Load every listed checkpoint; returns (verified, problems of the newest one, newest
     verified step, problems of older ones -- the partial leftovers of an interrupted prune)."""
-    from latentr3_fast.train.common import checkpoint_dirs, load_checkpoint
+    from latentr3_fast.train.checkpoint import checkpoint_dirs, load_checkpoint
 
     problems, ok, newest = [], 0, -1
     dirs = checkpoint_dirs(out)
@@ -104,7 +104,7 @@ def leftovers(out: Path) -> tuple[int, int]:
 
 
 def child_loop(out: Path, model, opt, sched, base, start: int, mode: str, k: int) -> None:
-    from latentr3_fast.train import common
+    from latentr3_fast.train import checkpoint
 
     if mode == "prune":
         real_unlink = os.unlink
@@ -118,7 +118,7 @@ def child_loop(out: Path, model, opt, sched, base, start: int, mode: str, k: int
 
         # only the pruning rmtree dies; the save itself runs normally. Pruning removes a
         # checkpoint in place (step-N) or after renaming it to .step-N.deleting-<own pid>.
-        real_rmtree = common.shutil.rmtree
+        real_rmtree = checkpoint.shutil.rmtree
 
         def pruning(path) -> bool:
             name = Path(path).name
@@ -136,7 +136,7 @@ def child_loop(out: Path, model, opt, sched, base, start: int, mode: str, k: int
             if pruning(path):
                 os._exit(137)  # k beyond the file count: die right after the removal
 
-        common.shutil.rmtree = rmtree
+        checkpoint.shutil.rmtree = rmtree
     if mode == "replace":
         real_replace = os.replace
         calls = [0]
@@ -147,17 +147,17 @@ def child_loop(out: Path, model, opt, sched, base, start: int, mode: str, k: int
                 os._exit(137)  # after final -> .old, before tmp -> final
             real_replace(a, b)
 
-        common.os.replace = replace
+        checkpoint.os.replace = replace
     s = start
     while True:
         set_step(model, opt, base, s)
-        common.save_checkpoint(out, s, model, opt, sched, {"marker": s}, keep_last=2)
+        checkpoint.save_checkpoint(out, s, model, opt, sched, {"marker": s}, keep_last=2)
         if mode != "replace":  # replace: re-save the same step until the injected death
             s += 1
 
 
 def run_mode(out: Path, mode: str, kills: int, rng: random.Random) -> dict:
-    from latentr3_fast.train.common import recover_checkpoints, save_checkpoint
+    from latentr3_fast.train.checkpoint import recover_checkpoints, save_checkpoint
 
     model, opt, sched = build()
     base = [p.detach().clone() for p in model.parameters()]

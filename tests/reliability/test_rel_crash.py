@@ -79,7 +79,8 @@ def test_stale_temp_dirs_are_cleaned_by_the_next_save(tmp_path):
     count("faults:kill-during-write")
     code = (
         "import os, sys, torch\n"
-        "from latentr3_fast.train.common import atomic_dir, save_checkpoint\n"
+        "from latentr3_fast.train.atomic import atomic_dir\n"
+        "from latentr3_fast.train.checkpoint import save_checkpoint\n"
         "out = sys.argv[1]\n"
         "m = torch.nn.Linear(3, 2)\n"
         "if sys.argv[2] == 'die':\n"

@@ -14,8 +14,9 @@ import pytest
 from reliability_helpers import count
 from reliability_tiny import tiny_data, tiny_model
 
-from latentr3_fast.train.common import JsonlLogger, checkpoint_dirs
+from latentr3_fast.train.checkpoint import checkpoint_dirs
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
+from latentr3_fast.train.logging_utils import JsonlLogger
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
 GRPO_KEYS = [
@@ -125,9 +126,9 @@ def test_grpo_log_and_checkpoint_state_do_not_grow(data, tmp_path):
         warmup_steps=0,
         max_steps=5,
         epochs=8.0,
-        save_every=1,
-        save_total_limit=0,
-        log_every=1,
+        save_steps=1,
+        keep_checkpoints=0,
+        logging_steps=1,
         progress=False,
         save_final_model=False,
     )

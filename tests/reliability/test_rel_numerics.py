@@ -11,8 +11,8 @@ from reliability_tiny import tiny_data, tiny_model
 
 from latentr3_fast.errors import TrainingError
 from latentr3_fast.ops import fused_linear_logprob_torch
-from latentr3_fast.train.common import NonFiniteGuard
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
+from latentr3_fast.train.optim import NonFiniteGuard
 from latentr3_fast.train.rewards import RewardResult, RolloutPerplexityReward
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 

@@ -1,7 +1,7 @@
-"""Recovery pieces of train/common.py on hand-built crash leftovers (no real kills here; the
-SIGKILL runs are in test_rel_crash.py): restore of a renamed-aside checkpoint, removal of dead
-writers' hidden dirs only, completeness check, log truncation on resume, step in the
-non-finite stop message."""
+"""Recovery pieces of train/atomic.py and train/checkpoint.py on hand-built crash leftovers
+(no real kills here; the SIGKILL runs are in test_rel_crash.py): restore of a renamed-aside
+checkpoint, removal of dead writers' hidden dirs only, completeness check, log truncation on
+resume, step in the non-finite stop message."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ import torch
 from reliability_helpers import PYTHON, count
 
 from latentr3_fast.errors import TrainingError
-from latentr3_fast.train import common
-from latentr3_fast.train.common import (
-    JsonlLogger,
-    NonFiniteGuard,
-    atomic_dir,
+from latentr3_fast.train import atomic
+from latentr3_fast.train.atomic import atomic_dir
+from latentr3_fast.train.checkpoint import (
     checkpoint_dirs,
     is_complete_checkpoint,
     latest_checkpoint,
@@ -27,6 +25,8 @@ from latentr3_fast.train.common import (
     recover_checkpoints,
     save_checkpoint,
 )
+from latentr3_fast.train.logging_utils import JsonlLogger
+from latentr3_fast.train.optim import NonFiniteGuard
 
 
 def _dead() -> int:
@@ -122,10 +122,10 @@ def test_atomic_dir_failing_second_rename_keeps_old_version(tmp_path, monkeypatc
             raise OSError("disk full")
         real(a, b)
 
-    monkeypatch.setattr(common.os, "replace", flaky)
+    monkeypatch.setattr(atomic.os, "replace", flaky)
     with pytest.raises(OSError, match="disk full"):
         atomic_dir(final, lambda d: (d / "a.txt").write_text("v2"))
-    monkeypatch.setattr(common.os, "replace", real)
+    monkeypatch.setattr(atomic.os, "replace", real)
     assert calls[0] == ("best", f".best.old-{os.getpid()}")
     assert (final / "a.txt").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

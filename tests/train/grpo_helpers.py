@@ -67,3 +67,41 @@ def varied_samples(ds, builder, count: int):
         )
         out.append(builder.encode(s2))
     return out
+
+
+# the tiny GRPO run of the checkpoint / resume tests: 4 steps of 2 prompts x 3 rows
+RESUME_RUN = dict(
+    num_generations=3,
+    prompts_per_step=2,
+    micro_batch_prompts=2,
+    lr=1e-3,
+    warmup_steps=1,
+    progress=False,
+    seed=2,
+)
+
+
+def resume_setup():
+    """(samples, fresh model, reference model after 4 uninterrupted steps of ``RESUME_RUN``)."""
+    from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
+
+    ds, _, builder, model = tiny_setup(hidden=32)
+    samples = varied_samples(ds, builder, 12)
+    ref_model = tiny_setup(hidden=32)[3]
+    GRPOTrainer(ref_model, GRPOConfig(max_steps=4, **RESUME_RUN), samples).train()
+    return samples, model, ref_model
+
+
+def assert_resume_matches(out_dir, samples, ref_model, resumed_step: int = 2):
+    """A new trainer resumes from ``out_dir`` at ``resumed_step`` and ends where the
+    uninterrupted reference ended; returns its model."""
+    from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
+
+    model2 = tiny_setup(hidden=32)[3]
+    cfg2 = GRPOConfig(output_dir=str(out_dir), max_steps=4, resume=True, **RESUME_RUN)
+    tr2 = GRPOTrainer(model2, cfg2, samples)
+    assert tr2.global_step == resumed_step
+    tr2.train()
+    for (n, a), b in zip(model2.ratt.named_parameters(), ref_model.ratt.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    return model2

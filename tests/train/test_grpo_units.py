@@ -8,7 +8,13 @@ import math
 
 import pytest
 import torch
-from grpo_helpers import tiny_setup, varied_samples
+from grpo_helpers import (
+    RESUME_RUN,
+    assert_resume_matches,
+    resume_setup,
+    tiny_setup,
+    varied_samples,
+)
 
 from latentr3_fast.errors import ConfigError
 from latentr3_fast.train.grpo import (
@@ -314,23 +320,9 @@ def test_hit_reward_with_constrained_beam_search():
 
 
 def test_train_logs_checkpoints_and_resumes(tmp_path):
-    ds, tok, builder, model = tiny_setup(hidden=32)
-    samples = varied_samples(ds, builder, 12)
-    common = dict(
-        num_generations=3,
-        prompts_per_step=2,
-        micro_batch_prompts=2,
-        lr=1e-3,
-        warmup_steps=1,
-        progress=False,
-        seed=2,
-    )
-    # reference: 4 uninterrupted steps
-    ref_model = tiny_setup(hidden=32)[3]
-    ref_tr = GRPOTrainer(ref_model, GRPOConfig(max_steps=4, **common), samples)
-    ref_tr.train()
+    samples, model, ref_model = resume_setup()  # reference: 4 uninterrupted steps
     # interrupted: 2 steps, then a new trainer resumes from the checkpoint to 4
-    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=4, save_every=1, **common)
+    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=4, save_steps=1, **RESUME_RUN)
     tr = GRPOTrainer(model, cfg, samples)
     hist = tr.train(num_steps=2)  # "crash" after 2 of 4 steps
     assert len(hist) == 2 and (tmp_path / "checkpoints" / "step-00000002").is_dir()
@@ -350,13 +342,7 @@ def test_train_logs_checkpoints_and_resumes(tmp_path):
     }
     assert len(lines) == 2 and keys <= set(lines[0])
     assert 0.0 <= lines[0]["frac_noisy_gt_clean"] <= 1.0
-    model2 = tiny_setup(hidden=32)[3]
-    cfg2 = GRPOConfig(output_dir=str(tmp_path), max_steps=4, resume=True, **common)
-    tr2 = GRPOTrainer(model2, cfg2, samples)
-    assert tr2.global_step == 2
-    tr2.train()
-    for (n, a), b in zip(model2.ratt.named_parameters(), ref_model.ratt.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    model2 = assert_resume_matches(tmp_path, samples, ref_model)
     # the backbone never changed
     for a, b in zip(model2.backbone.parameters(), tiny_setup(hidden=32)[3].backbone.parameters()):
         assert torch.equal(a, b)

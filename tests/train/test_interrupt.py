@@ -9,8 +9,7 @@ import os
 import signal
 
 import pytest
-import torch
-from test_grpo_units import tiny_setup, varied_samples
+from grpo_helpers import RESUME_RUN, assert_resume_matches, resume_setup
 
 from latentr3_fast.train import grpo as grpo_mod
 from latentr3_fast.train import interrupt
@@ -45,22 +44,11 @@ def test_first_signal_is_deferred_second_is_immediate(handlers, capsys):
 
 
 def test_grpo_checkpoints_on_interrupt_and_resumes_exactly(tmp_path, monkeypatch):
-    ds, tok, builder, model = tiny_setup(hidden=32)
-    samples = varied_samples(ds, builder, 12)
-    common = dict(
-        num_generations=3,
-        prompts_per_step=2,
-        micro_batch_prompts=2,
-        lr=1e-3,
-        warmup_steps=1,
-        progress=False,
-        seed=2,
+    samples, model, ref_model = resume_setup()
+    tr = GRPOTrainer(
+        model, GRPOConfig(output_dir=str(tmp_path), max_steps=4, **RESUME_RUN), samples
     )
-    ref_model = tiny_setup(hidden=32)[3]
-    GRPOTrainer(ref_model, GRPOConfig(max_steps=4, **common), samples).train()
-
-    tr = GRPOTrainer(model, GRPOConfig(output_dir=str(tmp_path), max_steps=4, **common), samples)
-    # a signal arrives during step 2 (no save_every: nothing would be saved before the end)
+    # a signal arrives during step 2 (no save_steps: nothing would be saved before the end)
     monkeypatch.setattr(grpo_mod, "interrupt_requested", lambda: tr.global_step >= 2)
     with pytest.raises(TrainingInterrupted) as exc:
         tr.train()
@@ -70,10 +58,4 @@ def test_grpo_checkpoints_on_interrupt_and_resumes_exactly(tmp_path, monkeypatch
     )
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
     monkeypatch.setattr(grpo_mod, "interrupt_requested", lambda: False)
-    model2 = tiny_setup(hidden=32)[3]
-    cfg2 = GRPOConfig(output_dir=str(tmp_path), max_steps=4, resume=True, **common)
-    tr2 = GRPOTrainer(model2, cfg2, samples)
-    assert tr2.global_step == 2
-    tr2.train()
-    for (n, a), b in zip(model2.ratt.named_parameters(), ref_model.ratt.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    assert_resume_matches(tmp_path, samples, ref_model)

@@ -8,7 +8,7 @@ import torch
 from latentr3_fast.data import PromptBuilder, dataset_corpus, make_synthetic, train_tokenizer
 from latentr3_fast.errors import ConfigError, TrainingError
 from latentr3_fast.model import tiny_qwen2
-from latentr3_fast.train.common import checkpoint_dirs, latest_checkpoint, load_checkpoint
+from latentr3_fast.train.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer, sft_loss
 
 

@@ -1,4 +1,5 @@
-"""train/common.py: schedules, optimizer choice, atomic directories, guard, logger, RNG."""
+"""train/optim, atomic, checkpoint, logging_utils, rng: schedules, optimizer choice, atomic
+directories, guard, logger, RNG."""
 
 from __future__ import annotations
 
@@ -11,20 +12,16 @@ import pytest
 import torch
 
 from latentr3_fast.errors import ConfigError, TrainingError
-from latentr3_fast.train.common import (
-    JsonlLogger,
-    NonFiniteGuard,
-    atomic_dir,
-    build_optimizer,
-    build_scheduler,
+from latentr3_fast.train.atomic import atomic_dir
+from latentr3_fast.train.checkpoint import (
     checkpoint_dirs,
-    get_rng_state,
     latest_checkpoint,
     load_checkpoint,
-    lr_lambda,
     save_checkpoint,
-    set_rng_state,
 )
+from latentr3_fast.train.logging_utils import JsonlLogger
+from latentr3_fast.train.optim import NonFiniteGuard, build_optimizer, build_scheduler, lr_lambda
+from latentr3_fast.train.rng import get_rng_state, set_rng_state
 
 
 def test_linear_and_cosine_schedules_hand_values():
@@ -101,7 +98,7 @@ def test_bitsandbytes_is_imported_only_for_adamw_8bit():
     code = (
         "import sys, torch\n"
         "import latentr3_fast, latentr3_fast.train, latentr3_fast.reward\n"
-        "from latentr3_fast.train.common import build_optimizer\n"
+        "from latentr3_fast.train.optim import build_optimizer\n"
         "from latentr3_fast.train.config import RunConfig\n"
         "RunConfig().validate()\n"
         "build_optimizer([torch.nn.Parameter(torch.zeros(2))], optim='adamw')\n"
