@@ -225,9 +225,9 @@ def check_numerics(args, model, samples) -> dict[str, float]:
 
 def hit_ratio(args) -> dict[str, float]:
     """Wall time per optimizer step of the PPL reward (LatentR3) vs the decoding 0/1 reward
-    ("original GRPO", SPEC 5.7) on the synthetic catalogue with a tiny model: the hit variant
-    decodes every row with the constrained beam search (``--hit-beams``) and, as in the paper,
-    trains the full model (``trainable="all"``); ``hit_latent`` trains LatentRATT only."""
+    ("original GRPO", paper Sec. 4.3.4) on the synthetic catalogue with a tiny model: the hit
+    variant decodes every row with the constrained beam search (``--hit-beams``) and, as in the
+    paper, trains the full model (``trainable="all"``); ``hit_latent`` trains LatentRATT only."""
     from latentr3_fast.data import PromptBuilder, dataset_corpus, make_synthetic, train_tokenizer
     from latentr3_fast.decode import catalogue_trie
     from latentr3_fast.model import tiny_qwen2

@@ -3,9 +3,9 @@
     python bench/grpo_batch_advantage.py [--sft-steps 15 40 80] [--sigmas 1.5 0.5]
         [--rollouts 8] [--from-run RUN_DIR] [--out bench/results/grpo_batch_advantage_cpu.json]
 
-Batch mode (SPEC 5.3): A_pk = (s_pk - m) / Z with m = mean of the CLEAN rewards s_p0 of the
-batch and Z the L2 norm of all (s - m). With s_p = mean of prompt p's G rewards, split every
-advantage into
+Batch mode (paper Sec. 3.2.2, Eq. 7): A_pk = (s_pk - m) / Z with m = mean of the CLEAN rewards
+s_p0 of the batch and Z the L2 norm of all (s - m). With s_p = mean of prompt p's G rewards,
+split every advantage into
 
 * the prompt's constant  A_const = (s_p - m) / Z  (the same for all G rows of prompt p; its
   mean over the batch is mean(s) - m < 0 when noisy rows score below the clean rows), and

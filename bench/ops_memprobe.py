@@ -25,7 +25,9 @@ def _status(key: str) -> int:
 
 def make_case(impl: str, m: int, d: int, v: int, passes: str, dtype: str, device: str):
     """Inputs and a zero-argument callable running the case (shared with the benchmark)."""
-    from latentr3_fast.ops import fused_linear_logprob_torch, naive_linear_logprob
+    from reference_ops import naive_linear_logprob
+
+    from latentr3_fast.ops import fused_linear_logprob_torch
 
     dt = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
