@@ -323,7 +323,7 @@ def main(argv=None) -> None:
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
     if args.hit_ratio:
         rows = [{"variant": k, "step_s": v} for k, v in hit_ratio(args).items()]
-        path = HERE / "results" / f"bench_grpo_hit_ratio_{dev}.json"
+        path = Path(args.out) if args.out else HERE / "results" / f"bench_grpo_hit_ratio_{dev}.json"
         harness.write_results(
             path, "bench_grpo_hit_ratio", rows, config=vars(args), device=args.device
         )
