@@ -1,7 +1,12 @@
 """Build script: compiles csrc/ into ``latentr3_fast._C`` with CMake + pybind11.
 
-``kernels/`` is installed as the subpackage ``latentr3_fast.kernels`` (package_dir mapping),
-never as a top-level ``kernels`` module.
+Install mapping, the one rule: ``kernels/`` is installed as the subpackage
+``latentr3_fast.kernels`` (package_dir below), never as a top-level ``kernels``. A source
+checkout reaches it through the link ``latentr3_fast/kernels -> ../kernels`` (an editable
+install or ``bench/gpu_install.sh`` makes it). ``latentr3_fast/__init__.py`` extends the package
+path with every installed ``latentr3_fast``, the checkout's first: the checkout's modules always
+win, and an installed copy only fills in what the checkout lacks (the compiled ``_C``; without
+the link also the kernels, which may then be stale).
 """
 
 from __future__ import annotations

@@ -12,12 +12,15 @@
   return the same ranked lists.
 * Also: trie time per step as a fraction of the step time, and per-user latency with
   num_latent=1 vs num_latent=0 on the same backbone and catalogue.
+
+Timing through ``bench/harness.py``; ``--out PATH`` writes its results JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +37,9 @@ from latentr3_fast.data import (
 from latentr3_fast.decode import beam as beam_mod
 from latentr3_fast.decode import beam_search, catalogue_trie
 from latentr3_fast.model import tiny_qwen2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "CDs_and_Vinyl"
 
@@ -111,6 +117,139 @@ def hf_reference(
     return rows
 
 
+def setup(args):
+    """(model, tokenizer, dataset, prompt builder, trie, encoded prompts, batches) of the run."""
+    dev = torch.device(args.device)
+    ds = load_dataset(SHARED) if SHARED.is_dir() else make_synthetic(num_items=5000, seed=0)
+    tok = (
+        qwen_tokenizer()
+        if args.tokenizer == "qwen"
+        else train_tokenizer(dataset_corpus(ds), vocab_size=4096)
+    )
+    model = tiny_qwen2(tok, hidden_size=64, seed=0, device=dev, torch_dtype=torch.float32).eval()
+    pb = PromptBuilder(tok, ds.category, num_latent=1)
+    timing = harness.time_call(lambda: catalogue_trie(ds.items, pb), reps=1, warmup=0)
+    trie = timing.result
+    print(
+        f"catalogue {ds.name}: {len(ds.items)} items, trie {trie.num_nodes} nodes, depth "
+        f"{trie.max_depth}, built in {timing.min_s:.2f} s (incl. tokenization); vocab "
+        f"{len(tok)}; device {dev}; threads {args.threads}"
+    )
+    enc = pb.encode_many(ds.test[: args.rows])
+    batches = [
+        collate(enc[a : a + args.batch], tok.pad_token_id).to(dev)
+        for a in range(0, len(enc), args.batch)
+    ]
+    plen = sum(len(e.prompt_ids) for e in enc) / len(enc)
+    print(f"{len(enc)} prompts (mean {plen:.0f} tokens), batch {args.batch}, beams {args.beams}")
+    return model, tok, ds, pb, trie, enc, batches
+
+
+def time_ours(args, model, trie, batches) -> tuple[list, dict]:
+    """Our beam search over every batch (after a warm-up on the first), with the trie's share
+    of the time measured by wrapping the allowed-token lookup."""
+    kw = dict(length_penalty=args.lp, stop_rule=args.stop_rule)
+    trie_time = [0.0, 0]
+    orig_block = beam_mod._Allowed.block
+
+    def timed_block(self, states, depth):
+        t = time.perf_counter()
+        out = orig_block(self, states, depth)
+        harness.sync(args.device)
+        trie_time[0] += time.perf_counter() - t
+        trie_time[1] += 1
+        return out
+
+    def decode_all():
+        beam_mod._Allowed.block = timed_block
+        try:
+            return [beam_search(model, b.prompt_ids, b.prompt_mask, trie, args.beams, **kw)
+                    for b in batches]  # fmt: skip
+        finally:
+            beam_mod._Allowed.block = orig_block
+
+    b0 = batches[0]
+    beam_search(model, b0.prompt_ids, b0.prompt_mask, trie, args.beams, **kw)  # warm-up
+    timing = harness.time_call(decode_all, args.device, reps=1, warmup=0)
+    t_ours, prompts = timing.min_s, sum(len(b) for b in batches)
+    print(
+        f"ours: {t_ours:.2f} s, {prompts / t_ours:.2f} prompts/s; trie {trie_time[0] * 1e3:.1f} "
+        f"ms over {trie_time[1]} steps = {100 * trie_time[0] / t_ours:.2f}% of decode time "
+        f"({t_ours / max(trie_time[1], 1) * 1e3:.1f} ms per step incl. prefill share)"
+    )
+    row = dict(variant="ours", seconds=t_ours, prompts_per_s=prompts / t_ours,
+               trie_seconds=trie_time[0], trie_steps=trie_time[1])  # fmt: skip
+    return timing.result, row
+
+
+def compare_hf(args, model, tok, ds, pb, trie, batches, ours, t_ours) -> dict:
+    """HF generate over the dict trie on the same batches: time and identical ranked lists."""
+    eos = tok.eos_token_id
+    dict_trie = DictTrie(pb.target_ids(t) for t in ds.items.titles)
+    hf_stop = False if args.stop_rule == "reference" else "never"
+
+    def decode_all():
+        return [hf_reference(model, b, dict_trie, eos, args.beams, args.lp, trie.max_depth,
+                             True, hf_stop) for b in batches]  # fmt: skip
+
+    timing = harness.time_call(decode_all, args.device, reps=1, warmup=0)
+    t_hf, prompts = timing.min_s, sum(len(b) for b in batches)
+    same, total, max_err = 0, 0, 0.0
+    for res, rows in zip(ours, timing.result):
+        seqs = res.sequences(trie)
+        for i, hyps in enumerate(rows):
+            total += 1
+            if [h[0] for h in hyps] == seqs[i][: len(hyps)]:
+                same += 1
+                errs = [abs(h[1] - s) for h, s in zip(hyps, res.scores[i].tolist())]
+                max_err = max([max_err, *errs])
+    print(
+        f"HF generate + dict trie: {t_hf:.2f} s, {prompts / t_hf:.2f} prompts/s; "
+        f"speed-up {t_hf / t_ours:.2f}x; identical ranked lists {same}/{total}, "
+        f"max |score diff| {max_err:.2e}"
+    )
+    return dict(variant="hf_generate", seconds=t_hf, prompts_per_s=prompts / t_hf,
+                identical_lists=same, lists=total, max_score_diff=max_err)  # fmt: skip
+
+
+def latency_per_user(args, model, tok, trie, enc) -> dict:
+    """Batch-1 latency per user with num_latent = 1 vs 0 on the same backbone."""
+    users = enc[: args.latency_users]
+    lat, per_step, pre, mean_steps = {}, {}, {}, {}
+    for n_lat in (1, 0):
+        model.num_latent = n_lat
+        times, steps, pref = [], [], []
+        for e in users:
+            b = collate([e], tok.pad_token_id).to(args.device)
+            run = lambda b=b: beam_search(model, b.prompt_ids, b.prompt_mask, trie, args.beams)  # noqa: E731
+            timing = harness.time_call(run, args.device, reps=1, warmup=0)
+            times.append(timing.min_s)
+            steps.append(timing.result.num_steps)
+            with torch.no_grad():
+                prefill = lambda b=b: beam_mod.prefill(model, b.prompt_ids, b.prompt_mask)  # noqa: E731
+                pref.append(harness.time_call(prefill, args.device, reps=1, warmup=0).min_s)
+        lat[n_lat] = statistics.median(times)
+        per_step[n_lat] = (sum(times) - sum(pref)) / sum(steps)
+        pre[n_lat] = statistics.median(pref)
+        mean_steps[n_lat] = sum(steps) / len(steps)
+    model.num_latent = 1
+    steps = (mean_steps[1] + mean_steps[0]) / 2
+    step = (per_step[1] + per_step[0]) / 2
+    equal = (pre[1] + steps * step) / (pre[0] + steps * step)
+    print(
+        f"mean decoding steps N=1 {mean_steps[1]:.1f}, N=0 {mean_steps[0]:.1f}; latency ratio "
+        f"at equal steps ({steps:.1f}) = {equal:.3f}"
+    )
+    print(
+        f"per-user latency (median of {len(users)}): N=1 {lat[1] * 1e3:.1f} ms, N=0 "
+        f"{lat[0] * 1e3:.1f} ms, ratio {lat[1] / lat[0]:.3f}; per decoding step ratio "
+        f"{per_step[1] / per_step[0]:.3f} (the random-weight model stops after a different "
+        f"number of steps); prefill N=1 {pre[1] * 1e3:.1f} ms vs N=0 {pre[0] * 1e3:.1f} ms"
+    )
+    return dict(latency_s={n: lat[n] for n in (1, 0)}, per_step_s=per_step, prefill_s=pre,
+                mean_steps=mean_steps, latency_ratio_equal_steps=equal)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=32)
@@ -123,136 +262,17 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--stop-rule", choices=["reference", "exact"], default="reference")
+    ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-
-    ds = load_dataset(SHARED) if SHARED.is_dir() else make_synthetic(num_items=5000, seed=0)
-    tok = (
-        qwen_tokenizer()
-        if args.tokenizer == "qwen"
-        else train_tokenizer(dataset_corpus(ds), vocab_size=4096)
-    )
-    model = tiny_qwen2(tok, hidden_size=64, seed=0, device=dev, torch_dtype=torch.float32).eval()
-    pb = PromptBuilder(tok, ds.category, num_latent=1)
-    t0 = time.perf_counter()
-    trie = catalogue_trie(ds.items, pb)
-    t_trie = time.perf_counter() - t0
-    print(
-        f"catalogue {ds.name}: {len(ds.items)} items, trie {trie.num_nodes} nodes, depth "
-        f"{trie.max_depth}, built in {t_trie:.2f} s (incl. tokenization); vocab {len(tok)}; "
-        f"device {dev}; threads {args.threads}"
-    )
-    samples = ds.test[: args.rows]
-    enc = pb.encode_many(samples)
-    batches = [
-        collate(enc[a : a + args.batch], tok.pad_token_id).to(dev)
-        for a in range(0, len(enc), args.batch)
-    ]
-    plen = sum(len(e.prompt_ids) for e in enc) / len(enc)
-    print(f"{len(enc)} prompts (mean {plen:.0f} tokens), batch {args.batch}, beams {args.beams}")
-
-    # ours (warm-up on the first batch), with the trie time per step measured by a wrapper
-    b0 = batches[0]
-    kw = dict(length_penalty=args.lp, stop_rule=args.stop_rule)
-    beam_search(model, b0.prompt_ids, b0.prompt_mask, trie, args.beams, **kw)
-    trie_time = [0.0, 0]
-    orig_block = beam_mod._Allowed.block
-
-    def timed_block(self, states, depth):
-        t = time.perf_counter()
-        out = orig_block(self, states, depth)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        trie_time[0] += time.perf_counter() - t
-        trie_time[1] += 1
-        return out
-
-    ours = []
-    t0 = time.perf_counter()
-    beam_mod._Allowed.block = timed_block
-    try:
-        for b in batches:
-            ours.append(beam_search(model, b.prompt_ids, b.prompt_mask, trie, args.beams, **kw))
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-    finally:
-        beam_mod._Allowed.block = orig_block
-    t_ours = time.perf_counter() - t0
-    step_time = t_ours / max(trie_time[1], 1)
-    print(
-        f"ours: {t_ours:.2f} s, {len(enc) / t_ours:.2f} prompts/s; trie {trie_time[0] * 1e3:.1f} "
-        f"ms over {trie_time[1]} steps = {100 * trie_time[0] / t_ours:.2f}% of decode time "
-        f"({step_time * 1e3:.1f} ms per step incl. prefill share)"
-    )
-
+    model, tok, ds, pb, trie, enc, batches = setup(args)
+    ours, row = time_ours(args, model, trie, batches)
+    rows = [row]
     if not args.skip_hf:
-        eos = tok.eos_token_id
-        dict_trie = DictTrie(pb.target_ids(t) for t in ds.items.titles)
-        t0 = time.perf_counter()
-        hf_stop = False if args.stop_rule == "reference" else "never"
-        ref = [
-            hf_reference(
-                model, b, dict_trie, eos, args.beams, args.lp, trie.max_depth, True, hf_stop
-            )
-            for b in batches
-        ]
-        t_hf = time.perf_counter() - t0
-        same, total, max_err = 0, 0, 0.0
-        for res, rows in zip(ours, ref):
-            seqs = res.sequences(trie)
-            for i, hyps in enumerate(rows):
-                total += 1
-                n = len(hyps)
-                ok = [h[0] for h in hyps] == seqs[i][:n]
-                if ok:
-                    same += 1
-                    errs = [abs(h[1] - s) for h, s in zip(hyps, res.scores[i].tolist())]
-                    max_err = max([max_err, *errs])
-        print(
-            f"HF generate + dict trie: {t_hf:.2f} s, {len(enc) / t_hf:.2f} prompts/s; "
-            f"speed-up {t_hf / t_ours:.2f}x; identical ranked lists {same}/{total}, "
-            f"max |score diff| {max_err:.2e}"
-        )
-
-    # latency per user: num_latent = 1 vs 0 on the same backbone (batch 1)
-    users = enc[: args.latency_users]
-    lat, per_step, pre = {}, {}, {}
-    for n_lat in (1, 0):
-        model.num_latent = n_lat
-        times, steps, pref = [], [], []
-        for e in users:
-            b = collate([e], tok.pad_token_id).to(dev)
-            t = time.perf_counter()
-            res = beam_search(model, b.prompt_ids, b.prompt_mask, trie, args.beams)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            steps.append(res.num_steps)
-            t = time.perf_counter()
-            with torch.no_grad():
-                beam_mod.prefill(model, b.prompt_ids, b.prompt_mask)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            pref.append(time.perf_counter() - t)
-        lat[n_lat] = statistics.median(times)
-        per_step[n_lat] = (sum(times) - sum(pref)) / sum(steps)
-        pre[n_lat] = statistics.median(pref)
-        lat[f"steps{n_lat}"] = sum(steps) / len(steps)
-    model.num_latent = 1
-    steps = (lat["steps1"] + lat["steps0"]) / 2
-    step = (per_step[1] + per_step[0]) / 2
-    equal = (pre[1] + steps * step) / (pre[0] + steps * step)
-    print(
-        f"mean decoding steps N=1 {lat['steps1']:.1f}, N=0 {lat['steps0']:.1f}; latency ratio at "
-        f"equal steps ({steps:.1f}) = {equal:.3f}"
-    )
-    print(
-        f"per-user latency (median of {len(users)}): N=1 {lat[1] * 1e3:.1f} ms, N=0 "
-        f"{lat[0] * 1e3:.1f} ms, ratio {lat[1] / lat[0]:.3f}; per decoding step ratio "
-        f"{per_step[1] / per_step[0]:.3f} (the random-weight model stops after a different "
-        f"number of steps); prefill N=1 {pre[1] * 1e3:.1f} ms vs N=0 {pre[0] * 1e3:.1f} ms"
-    )
+        rows.append(compare_hf(args, model, tok, ds, pb, trie, batches, ours, row["seconds"]))
+    latency = latency_per_user(args, model, tok, trie, enc)
+    harness.write_results(args.out, "bench_decode", rows, config=vars(args), device=args.device,
+                          latency=latency)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@
   (tree attention over the trie, ``max_rows`` bounding one forward).
 * A sampler thread reads the process RSS every 0.2 s; the result reports the peak, the RSS
   when 10 % of the rows were done, and the growth after that (bounded memory = no growth
-  with the number of rows). Written to ``bench/results/bench_eval_full_cpu.json``.
+  with the number of rows). Written to ``bench/results/bench_eval_full_cpu.json`` (the schema
+  of ``bench/harness.py``).
 * ``--compare-methods N``: ``exact_rank`` on the first N rows with ``method="tree"`` (one
   forward per chunk of trie nodes on the shared prompt cache) vs ``method="frontier"`` (the
   prompt cache copied per frontier node), same ranking required; prints the speed ratio.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,16 +31,15 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
+
 SHARED = HERE.parents[1] / "shared" / "data" / "CDs_and_Vinyl"
 
 
 def rss_mb() -> float:
     """Current resident set size of this process in MiB (Linux /proc)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return harness.rss_bytes("VmRSS") / harness.MIB
 
 
 class RssSampler(threading.Thread):
@@ -74,15 +75,18 @@ def compare_methods(model, ds, args) -> dict:
     times: dict[str, float] = {}
     ranked = {}
     for method in ("tree", "frontier"):
-        t0 = time.perf_counter()
-        states, scores = [], []
-        for a in range(0, len(enc), args.batch):
-            batch = collate(enc[a : a + args.batch], model.tokenizer.pad_token_id)
-            res = exact_rank(model, batch.prompt_ids, batch.prompt_mask, trie, method=method)
-            states.append(res.states)
-            scores.append(res.scores)
-        times[method] = time.perf_counter() - t0
-        ranked[method] = (torch.cat(states), torch.cat(scores))
+
+        def rank_all(method=method):
+            states, scores = [], []
+            for a in range(0, len(enc), args.batch):
+                batch = collate(enc[a : a + args.batch], model.tokenizer.pad_token_id)
+                res = exact_rank(model, batch.prompt_ids, batch.prompt_mask, trie, method=method)
+                states.append(res.states)
+                scores.append(res.scores)
+            return torch.cat(states), torch.cat(scores)
+
+        timing = harness.time_call(rank_all, reps=1, warmup=0)
+        times[method], ranked[method] = timing.min_s, timing.result
     same = bool(torch.equal(ranked["tree"][0][:, :100], ranked["frontier"][0][:, :100]))
     diff = float((ranked["tree"][1] - ranked["frontier"][1]).abs().max())
     result = {
@@ -96,16 +100,26 @@ def compare_methods(model, ds, args) -> dict:
     }
     print(json.dumps(result, indent=2))
     out = Path(args.out) if args.out else HERE / "results" / "bench_exact_methods_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_results(out, "bench_exact_methods", [result], config=vars(args))
     print(f"wrote {out}")
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from latentr3_fast.data import dataset_corpus, load_dataset, train_tokenizer
-    from latentr3_fast.eval import evaluate
+def build_model(args, ds):
+    """The saved reasoner of ``--checkpoint``, else the CLI's tiny random-weight backbone."""
+    from latentr3_fast.data import dataset_corpus, train_tokenizer
     from latentr3_fast.model import LatentReasoner, tiny_qwen2
+
+    if args.checkpoint:
+        return LatentReasoner.from_pretrained(args.checkpoint)
+    tok = train_tokenizer(dataset_corpus(ds, "reference"), args.vocab)
+    shape = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2)
+    return tiny_qwen2(tok, **shape, intermediate=2 * args.hidden, seed=0, num_latent=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from latentr3_fast.data import load_dataset
+    from latentr3_fast.eval import evaluate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(SHARED))
@@ -127,35 +141,19 @@ def main(argv: list[str] | None = None) -> dict:
     sampler = RssSampler()
     sampler.start()
     ds = load_dataset(args.data)
-    if args.checkpoint:
-        model = LatentReasoner.from_pretrained(args.checkpoint)
-    else:
-        tok = train_tokenizer(dataset_corpus(ds, "reference"), args.vocab)
-        model = tiny_qwen2(
-            tok,
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate=2 * args.hidden,
-            seed=0,
-            num_latent=1,
-        )
+    model = build_model(args, ds)
     if args.compare_methods:
         return compare_methods(model, ds, args)
     rows = len(ds.split("test")) if args.rows is None else min(args.rows, len(ds.split("test")))
     rss_before = rss_mb()
-    t0 = time.perf_counter()
-    t_start = t0 - sampler.t0
-    res = evaluate(
-        model,
-        ds,
-        rank="exact",
-        length_penalty=args.length_penalty,
-        max_samples=rows,
-        batch_size=args.batch,
-    )
-    wall = time.perf_counter() - t0
+    t_start = time.perf_counter() - sampler.t0
+
+    def run():
+        return evaluate(model, ds, rank="exact", length_penalty=args.length_penalty,
+                        max_samples=rows, batch_size=args.batch)  # fmt: skip
+
+    timing = harness.time_call(run, reps=1, warmup=0)
+    res, wall = timing.result, timing.min_s
     sampler.stop()
     during = [(t - t_start, m) for t, m in sampler.samples if t >= t_start]
     early = [m for t, m in during if t <= 0.1 * wall] or [rss_before]
@@ -184,8 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     out = Path(args.out) if args.out else HERE / "results" / "bench_eval_full_cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    harness.write_results(out, "bench_eval_full", [result], config=vars(args))
     print(f"wrote {out}")
     return result
 

@@ -10,9 +10,9 @@ Shapes: realistic proportions on a tiny backbone (default: d=256, 2 layers, voca
 prompts ~150 tokens, targets ~13, G=8, 8 prompts per step), or ``--preset qwen1.5b`` (the
 Qwen2.5-1.5B config, random weights, bf16 by default; for a GPU).
 
-Peak memory: CUDA ``max_memory_allocated`` above what is held before the step; CPU: each
-variant runs in a fresh subprocess, which resets its RSS high-water mark
-(``/proc/self/clear_refs``) right before the step and reports ``VmHWM - VmRSS(before)``.
+Timing and peak memory through ``bench/harness.py``: CUDA ``max_memory_allocated`` above what
+is held before the step; CPU: each variant runs in a fresh subprocess, which measures its RSS
+high-water mark above the RSS before the step.
 
     python bench/bench_grpo.py                      # CPU, tiny backbone
     python bench/bench_grpo.py --device cuda --preset qwen1.5b --prompts 32 --micro 8
@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,34 +32,17 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-PRESETS = {
-    # hidden, layers, heads, kv heads, intermediate, vocab
-    "tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2, inter=768, vocab=32768),
-    "qwen0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936),
-    "qwen1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, inter=8960, vocab=151936),
-}
+import harness  # noqa: E402
+from presets import PRESETS, preset_model  # noqa: E402
 
 
 def build(args):
     """(model, samples): random-weight Qwen2 of the preset, P random prompts/targets."""
     from latentr3_fast.data import EncodedSample, train_tokenizer
-    from latentr3_fast.model import tiny_qwen2
 
     p = PRESETS[args.preset]
     tok = train_tokenizer(["a b c d e f g h"] * 4, vocab_size=300)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = tiny_qwen2(
-        tok,
-        hidden_size=p["hidden"],
-        num_layers=p["layers"],
-        num_heads=p["heads"],
-        num_kv_heads=p["kv_heads"],
-        intermediate=p["inter"],
-        seed=0,
-        torch_dtype=dtype,
-        device=args.device,
-        attn_implementation=args.attn,
-    )
+    model = preset_model(tok, p, args.dtype, args.device, args.attn)
     model.backbone.resize_token_embeddings(p["vocab"])  # realistic LM-head width
     model.to(args.device)
     # LatentRATT weights large enough that the latent matters (the 0.02 init makes r ~ 0)
@@ -128,57 +110,25 @@ def make_step(variant: str, args, model, samples):
     return run
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def probe_memory(variant: str, args, model, samples) -> float:
     """Peak extra memory (MiB) of one step of ``variant``. CUDA: after a warm-up step. CPU: the
     first step in a fresh process (freed heap memory stays resident, so a warm-up step would
     hide the peak); it includes the optimizer state (KBs for LatentRATT)."""
     step = make_step(variant, args, model, samples)
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    if cuda:
         step()  # warm-up: lazy inits, optimizer state, cuBLAS workspaces
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with harness.PeakMemory(args.device, empty_cache=cuda) as mem:
         step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    import gc
-
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _status("VmRSS")
-    step()
-    return (_status("VmHWM") - before) / 2**20
+    return mem.mib
 
 
 def time_variant(variant: str, args, model, samples) -> tuple[float, float]:
     """(min, median) seconds of one optimizer step (after a warm-up). The ratios use the
     minimum: on a shared machine other processes only ever add time."""
-    step = make_step(variant, args, model, samples)
-    step()
-    times = []
-    for _ in range(args.repeats):
-        _sync(args.device)
-        t = time.perf_counter()
-        step()
-        _sync(args.device)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[0], times[len(times) // 2]
+    timing = harness.time_call(make_step(variant, args, model, samples), args.device,
+                               reps=args.repeats)  # fmt: skip
+    return timing.min_s, timing.median_s
 
 
 def check_numerics(args, model, samples) -> dict[str, float]:
@@ -225,9 +175,9 @@ def check_numerics(args, model, samples) -> dict[str, float]:
 
 def hit_ratio(args) -> dict[str, float]:
     """Wall time per optimizer step of the PPL reward (LatentR3) vs the decoding 0/1 reward
-    ("original GRPO", SPEC 5.7) on the synthetic catalogue with a tiny model: the hit variant
-    decodes every row with the constrained beam search (``--hit-beams``) and, as in the paper,
-    trains the full model (``trainable="all"``); ``hit_latent`` trains LatentRATT only."""
+    ("original GRPO", paper Sec. 4.3.4) on the synthetic catalogue with a tiny model: the hit
+    variant decodes every row with the constrained beam search (``--hit-beams``) and, as in the
+    paper, trains the full model (``trainable="all"``); ``hit_latent`` trains LatentRATT only."""
     from latentr3_fast.data import PromptBuilder, dataset_corpus, make_synthetic, train_tokenizer
     from latentr3_fast.decode import catalogue_trie
     from latentr3_fast.model import tiny_qwen2
@@ -261,15 +211,14 @@ def hit_ratio(args) -> dict[str, float]:
         )
         tr = GRPOTrainer(model, cfg, samples, reward=rew)
         tr.total_steps = 10**9
-        tr.train_rollout(0)
-        times = []
-        for i in range(args.repeats):
-            _sync(args.device)
-            t = time.perf_counter()
-            tr.train_rollout(i + 1)
-            _sync(args.device)
-            times.append(time.perf_counter() - t)
-        out[name] = min(times)  # shared machine: other processes only add time
+
+        steps = iter(range(10**9))
+
+        def rollout(tr=tr, steps=steps):  # rollout 0 is the warm-up
+            tr.train_rollout(next(steps))
+
+        timing = harness.time_call(rollout, args.device, reps=args.repeats)
+        out[name] = timing.min_s  # shared machine: other processes only add time
     print("\nper-step wall time, synthetic catalogue, tiny Qwen2 d=128:")
     for k, v in out.items():
         print(f"  {k:<11} {v:8.3f} s  ({v / out['ppl_latent']:.1f}x ppl_latent)")
@@ -307,26 +256,11 @@ def parse(argv=None):
     return args
 
 
-def main(argv=None) -> None:
-    args = parse(argv)
-    if args.worker:
-        _worker_main(argv if argv is not None else sys.argv[1:])
-        return
-    torch.set_flush_denormal(True)
-    if args.hit_ratio:
-        res = hit_ratio(args)
-        dev = "cuda" if args.device.startswith("cuda") else "cpu"
-        (HERE / "results" / f"bench_grpo_hit_ratio_{dev}.json").write_text(
-            json.dumps({"args": vars(args), "step_s": res}, indent=2) + "\n"
-        )
-        return
-    model, samples = build(args)
-    variants = args.variants.split(",")
+def measure(args, argv, model, samples) -> dict[str, dict]:
+    """Per variant: min/median step time, prompts/s and peak memory (CPU: in a fresh worker
+    process, whose RSS high-water mark is not hidden by earlier steps)."""
     rows = {}
-    numerics = None
-    if not args.no_check and args.dtype == "fp32":
-        numerics = check_numerics(args, model, samples)
-    for v in variants:
+    for v in args.variants.split(","):
         secs, median = time_variant(v, args, model, samples)
         if args.device.startswith("cuda"):
             peak = probe_memory(v, args, model, samples)
@@ -346,7 +280,11 @@ def main(argv=None) -> None:
             "prompts_per_s": args.prompts / secs,
             "peak_mib": peak,
         }
+    return rows
 
+
+def report(args, rows: dict[str, dict]) -> dict[str, dict]:
+    """Print the table and the ratios to the reference step; return the ratios."""
     print(
         f"\nGRPO step, {args.preset} (d={PRESETS[args.preset]['hidden']}, "
         f"L={PRESETS[args.preset]['layers']}, V={PRESETS[args.preset]['vocab']}), {args.dtype}, "
@@ -373,22 +311,38 @@ def main(argv=None) -> None:
                 f"{ratios[v]['memory_frac']:.3f} of the reference peak memory "
                 f"(targets: >= 8x, <= 0.333)"
             )
+    return ratios
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.worker:
+        _worker_main(argv if argv is not None else sys.argv[1:])
+        return
+    torch.set_flush_denormal(True)
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    if args.hit_ratio:
+        rows = [{"variant": k, "step_s": v} for k, v in hit_ratio(args).items()]
+        path = Path(args.out) if args.out else HERE / "results" / f"bench_grpo_hit_ratio_{dev}.json"
+        harness.write_results(
+            path, "bench_grpo_hit_ratio", rows, config=vars(args), device=args.device
+        )
+        return
+    model, samples = build(args)
+    numerics = None
+    if not args.no_check and args.dtype == "fp32":
+        numerics = check_numerics(args, model, samples)
+    rows = measure(args, argv, model, samples)
+    ratios = report(args, rows)
     if numerics is not None:
         print("numerics (ours vs reference, fp32):", json.dumps(numerics))
-    result = {
-        "args": {k: v for k, v in vars(args).items() if k != "worker"},
-        "rows": rows,
-        "ratios": ratios,
-        "numerics": numerics,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    dev = "cuda" if args.device.startswith("cuda") else "cpu"
-    path = Path(args.out) if args.out else out_dir / f"bench_grpo_{dev}_{args.preset}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = Path(args.out) if args.out else HERE / "results" / f"bench_grpo_{dev}_{args.preset}.json"
+    config = {k: v for k, v in vars(args).items() if k != "worker"}
+    table = [dict(variant=v, **r) for v, r in rows.items()]
+    harness.write_results(
+        path, "bench_grpo", table, config=config, device=args.device, ratios=ratios,
+        numerics=numerics,
+    )  # fmt: skip
     print(f"wrote {path}")
 
 

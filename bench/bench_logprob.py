@@ -22,47 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
+import harness  # noqa: E402
 
 
 def _measure(fn, device: str, reps: int) -> tuple[float, float | None, object]:
-    """(median seconds, peak MiB above the baseline or None on CPU, last result)."""
-    import torch
-
-    out = fn()  # warm-up (Triton compilation, autotuning)
-    _sync(device)
-    del out
-    times = []
-    peak = None
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if device == "cuda":
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        if _ < reps - 1:
-            del out
-    return statistics.median(times), peak, out
+    """(median seconds, peak MiB above the baseline or None on CPU, last result); the warm-up
+    call absorbs Triton compilation and autotuning."""
+    timing = harness.time_call(fn, device, reps=reps, memory=device == "cuda")
+    return timing.median_s, timing.peak_mib, timing.result
 
 
 def _variant_fn(name: str, mode: str, h, w, t):
@@ -143,26 +117,12 @@ def bench(args) -> dict:
     return dict(rows=rows, autotuned=ll.autotuned_choices())
 
 
-def machine(device: str) -> dict:
-    import torch
-    import triton
-
-    info = dict(python=platform.python_version(), torch=torch.__version__,
-                triton=triton.__version__, device=device,
-                interpret=os.environ.get("TRITON_INTERPRET", "0"),
-                autotune=os.environ.get("LATENTR3_AUTOTUNE", "0"))  # fmt: skip
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["capability"] = list(torch.cuda.get_device_capability())
-    return info
-
-
 def markdown(result: dict) -> str:
     """The rows as a Markdown table (time, peak memory, ratio to the torch path)."""
     m = result["machine"]
     lines = [
-        f"Fused log-prob, d={result['args']['dim']}, V={result['args']['vocab']}, "
-        f"{result['args']['dtype']}, {m.get('gpu', m['device'])}",
+        f"Fused log-prob, d={result['config']['dim']}, V={result['config']['vocab']}, "
+        f"{result['config']['dtype']}, {m.get('gpu', m['device'])}",
         "",
         "| rows | mode | variant | ms | peak MiB | vs torch (time) | max diff vs torch |",
         "|---|---|---|---|---|---|---|",
@@ -216,14 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     args.rows = [int(x) for x in str(args.rows).split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
     args.variants = [x for x in args.variants.split(",") if x]
-    result = dict(args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                  machine=machine(args.device))  # fmt: skip
-    result.update(bench(args))
+    measured = bench(args)
+    result = harness.results_document(
+        "bench_logprob", measured["rows"], config=vars(args), device=args.device,
+        autotuned=measured["autotuned"],
+    )  # fmt: skip
+    result["machine"].update(interpret=os.environ.get("TRITON_INTERPRET", "0"),
+                             autotune=os.environ.get("LATENTR3_AUTOTUNE", "0"))  # fmt: skip
     table = markdown(result)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        harness.write_json(args.out, result)
         args.out.with_suffix(".md").write_text(table)
     bad = [r for r in result["rows"] if r.get("deterministic") is False or "error" in r]
     return 1 if bad else 0

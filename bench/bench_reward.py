@@ -12,9 +12,9 @@ Variants
 * ``plain_keep`` G full forwards, but logits only at the answer positions (HF
                  ``logits_to_keep``), log_softmax, gather: isolates the KV-sharing gain.
 
-Each variant runs in a fresh subprocess. Peak memory = the first (cold) call's peak RSS above
-the RSS before it (Linux ``/proc/self/clear_refs`` resets the high-water mark), or
-``torch.cuda.max_memory_allocated`` above the baseline on CUDA. Time = median of ``--repeats``
+Each variant runs in a fresh subprocess, measured by ``bench/harness.py``. Peak memory = the
+first (cold) call's peak RSS above the RSS before it, or ``torch.cuda.max_memory_allocated``
+above the baseline on CUDA. Time = median of ``--repeats``
 warm calls. ``--grad`` also back-propagates to the extra embeddings (the GRPO-training use).
 The script checks that all variants give the same rewards.
 
@@ -24,32 +24,14 @@ The script checks that all variants give the same rewards.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
+
+import harness
 
 VARIANTS = ("fused", "plain", "plain_keep")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def build(args):
@@ -129,38 +111,16 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     model, inputs = build(args)
     run = make_call(args.worker, model, inputs, args)
-    cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    # The first (cold) call gives the peak memory and is the warm-up of the timed calls.
+    with harness.PeakMemory(args.device) as mem:
         rewards = run()
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-        how = "cuda.max_memory_allocated"
-    else:
-        before = _rss_kib("VmRSS")
-        exact = _reset_hwm()
-        rewards = run()
-        after = _rss_kib("VmHWM") if exact else _rss_kib("VmRSS")
-        peak = (after - before) * 1024
-        how = "VmHWM-VmRSS" if exact else "VmRSS delta (approx.)"
-    times, cpu = [], []
-    for _ in range(args.repeats):
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    timing = harness.time_call(run, args.device, reps=args.repeats, warmup=0)
     return {
         "variant": args.worker,
-        "seconds": statistics.median(times),
-        "cpu_seconds": statistics.median(cpu),
-        "peak_bytes": peak,
-        "memory_method": how,
+        "seconds": timing.median_s,
+        "cpu_seconds": timing.cpu_median_s,
+        "peak_bytes": mem.bytes,
+        "memory_method": mem.method,
         "rewards": rewards.tolist(),
     }
 
@@ -183,6 +143,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -227,6 +188,9 @@ def main(argv=None) -> dict:
         f"(memory: {ref['memory_method'] if ref else '-'}; x = variant / fused; cpu = process "
         "CPU time, the robust measure on a shared machine with --threads 1)"
     )
+    config = {k: v for k, v in vars(args).items() if k != "worker"}
+    harness.write_results(args.out, "bench_reward", list(results.values()), config=config,
+                          device=args.device)  # fmt: skip
     return results
 
 

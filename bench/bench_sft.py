@@ -20,7 +20,6 @@ difference and the largest gradient difference (fp32), and writes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,37 +30,19 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-PRESETS = {
-    # hidden, layers, heads, kv heads, intermediate, vocab
-    "tiny": dict(hidden=256, layers=2, heads=4, kv_heads=2, inter=768, vocab=32768),
-    "qwen0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, vocab=151936),
-    "qwen1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, inter=8960, vocab=151936),
-}
+import harness  # noqa: E402
+from presets import PRESETS, preset_model  # noqa: E402
 
 
 def build(args):
     """(model, batch): random-weight Qwen2 of the preset and one collated batch."""
     from latentr3_fast.data import EncodedSample, collate, train_tokenizer
-    from latentr3_fast.model import tiny_qwen2
 
     p = dict(PRESETS[args.preset])
     if args.vocab:
         p["vocab"] = args.vocab
     tok = train_tokenizer(["a b c d e f g h"] * 4, vocab_size=300)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = tiny_qwen2(
-        tok,
-        hidden_size=p["hidden"],
-        num_layers=p["layers"],
-        num_heads=p["heads"],
-        num_kv_heads=p["kv_heads"],
-        intermediate=p["inter"],
-        seed=0,
-        num_latent=args.num_latent,
-        torch_dtype=dtype,
-        device=args.device,
-        attn_implementation=args.attn,
-    )
+    model = preset_model(tok, p, args.dtype, args.device, args.attn, num_latent=args.num_latent)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model.backbone.resize_token_embeddings(p["vocab"], mean_resizing=False)
@@ -88,11 +69,6 @@ def loss_fn(variant: str):
     import reference_sft
 
     return reference_sft.reference_sft_loss
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def check_numerics(model, batch) -> dict[str, float]:
@@ -128,14 +104,14 @@ def time_variants(args, model, batch) -> dict[str, dict[str, list[float]]]:
     fns = {v: loss_fn(v) for v in times}
     for rep in range(args.warmup + args.reps):
         for variant, fn in fns.items():
-            _sync(args.device)
+            harness.sync(args.device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             fn(model, batch).backward()
-            _sync(args.device)
+            harness.sync(args.device)
             t1 = time.perf_counter()
             opt.step()
-            _sync(args.device)
+            harness.sync(args.device)
             if rep >= args.warmup:
                 times[variant]["fwd_bwd"].append(t1 - t0)
                 times[variant]["step"].append(time.perf_counter() - t0)
@@ -144,18 +120,15 @@ def time_variants(args, model, batch) -> dict[str, dict[str, list[float]]]:
 
 
 def peak_memory(args, model, batch, variant: str) -> float | None:
-    """CUDA: peak bytes above the resident model during one loss + backward."""
+    """CUDA: peak bytes above the resident model during one loss + backward (None on CPU: this
+    process has run the step before, so its RSS high-water mark would hide the peak)."""
     if not args.device.startswith("cuda"):
         return None
     model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    loss_fn(variant)(model, batch).backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    with harness.PeakMemory(args.device) as mem:
+        loss_fn(variant)(model, batch).backward()
     model.zero_grad(set_to_none=True)
-    return float(peak)
+    return float(mem.bytes)
 
 
 def parse(argv=None):
@@ -187,28 +160,13 @@ def main(argv=None) -> dict:
     times = time_variants(args, model, batch)
     med = {k: statistics.median(v["step"]) for k, v in times.items()}
     med_fb = {k: statistics.median(v["fwd_bwd"]) for k, v in times.items()}
-    result = {
-        "benchmark": "sft_step",
-        "device": args.device,
-        "dtype": args.dtype,
-        "preset": args.preset,
-        "shape": {
-            **shape,
-            "batch": args.batch,
-            "prompt_len": args.prompt_len,
-            "target_len": args.target_len,
-            "num_latent": args.num_latent,
-            "tokens_per_step": tokens,
-            "prompt_cols": int(batch.prompt_ids.shape[1]),
-            "target_cols": int(batch.target_ids.shape[1]),
-        },
-        "attn_implementation": model.backbone.config._attn_implementation,
-        "torch_threads": torch.get_num_threads(),
-        "seconds": times,
-        "median_step_s": med,
-        "median_fwd_bwd_s": med_fb,
-        "tokens_per_s": {k: tokens / v for k, v in med.items()},
-        "tokens_per_s_fwd_bwd": {k: tokens / v for k, v in med_fb.items()},
+    rows = [
+        dict(variant=k, median_step_s=med[k], median_fwd_bwd_s=med_fb[k],
+             tokens_per_s=tokens / med[k], tokens_per_s_fwd_bwd=tokens / med_fb[k],
+             peak_bytes=peak_memory(args, model, batch, k), seconds=times[k])
+        for k in ("ours", "reference")
+    ]  # fmt: skip
+    summary = {
         "speedup": med["reference"] / med["ours"],
         "speedup_fwd_bwd": med_fb["reference"] / med_fb["ours"],
         # median of per-rep ratios (the variants alternate): robust to load drifting over time
@@ -218,9 +176,21 @@ def main(argv=None) -> dict:
         "speedup_fwd_bwd_paired": statistics.median(
             r / o for r, o in zip(times["reference"]["fwd_bwd"], times["ours"]["fwd_bwd"])
         ),
-        "peak_bytes": {v: peak_memory(args, model, batch, v) for v in ("ours", "reference")},
         **numerics,
     }
+    config = dict(vars(args), attn_implementation=model.backbone.config._attn_implementation,
+                  shape=dict(shape, tokens_per_step=tokens,
+                             prompt_cols=int(batch.prompt_ids.shape[1]),
+                             target_cols=int(batch.target_ids.shape[1])))  # fmt: skip
+    out = Path(args.out) if args.out else HERE / "results" / f"bench_sft_{args.device}.json"
+    result = harness.write_results(out, "bench_sft", rows, config=config, device=args.device,
+                                   summary=summary)  # fmt: skip
+    _report(args, shape, tokens, med, med_fb, summary)
+    print(f"  wrote {out}")
+    return result
+
+
+def _report(args, shape, tokens, med, med_fb, summary) -> None:
     print(
         f"SFT step  preset={args.preset} vocab={shape['vocab']} device={args.device} "
         f"dtype={args.dtype} B={args.batch} Lp~{args.prompt_len} T~{args.target_len} "
@@ -232,23 +202,18 @@ def main(argv=None) -> dict:
             f"fwd+bwd {med_fb[k] * 1e3:9.1f} ms  {tokens / med_fb[k]:9.0f} tokens/s"
         )
     print(
-        f"  speedup  : {result['speedup']:.2f}x (whole step incl. AdamW), "
-        f"{result['speedup_fwd_bwd']:.2f}x (fwd+bwd); paired per-rep medians "
-        f"{result['speedup_paired']:.2f}x / {result['speedup_fwd_bwd_paired']:.2f}x"
+        f"  speedup  : {summary['speedup']:.2f}x (whole step incl. AdamW), "
+        f"{summary['speedup_fwd_bwd']:.2f}x (fwd+bwd); paired per-rep medians "
+        f"{summary['speedup_paired']:.2f}x / {summary['speedup_fwd_bwd_paired']:.2f}x"
     )
     print(
-        f"  loss ours={numerics['loss_ours']:.6f} reference={numerics['loss_reference']:.6f} "
-        f"|diff|={numerics['loss_abs_diff']:.2e}"
+        f"  loss ours={summary['loss_ours']:.6f} reference={summary['loss_reference']:.6f} "
+        f"|diff|={summary['loss_abs_diff']:.2e}"
     )
     print(
-        f"  grads max|diff|={numerics['grad_max_abs_diff']:.2e} "
-        f"(max|g|={numerics['grad_max_abs']:.2e}, max rel={numerics['grad_max_rel_diff']:.2e})"
+        f"  grads max|diff|={summary['grad_max_abs_diff']:.2e} "
+        f"(max|g|={summary['grad_max_abs']:.2e}, max rel={summary['grad_max_rel_diff']:.2e})"
     )
-    out = Path(args.out) if args.out else HERE / "results" / f"bench_sft_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  wrote {out}")
-    return result
 
 
 if __name__ == "__main__":

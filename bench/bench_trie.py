@@ -1,6 +1,6 @@
 """Trie build and query benchmark: 100k items x 12 tokens (issue target: build < 1 s).
 
-    python bench/bench_trie.py [--items 100000] [--len 12] [--vocab 151643]
+    python bench/bench_trie.py [--items 100000] [--len 12] [--vocab 151643] [--out PATH]
 
 Prints the C++ build time from flat arrays, the wrapper build time from Python lists, the
 batched query throughput (allowed / advance on 640 states = 64 prompts x 10 beams) on the
@@ -10,12 +10,16 @@ host and with the device-resident trie, and checks both agree.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from latentr3_fast.decode import ItemTrie
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 
 def make_catalogue(num_items: int, length: int, vocab: int, seed: int = 0):
@@ -29,12 +33,8 @@ def make_catalogue(num_items: int, length: int, vocab: int, seed: int = 0):
 
 
 def timed(fn, repeat: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Best of ``repeat`` calls, seconds (no warm-up: the first build is a real one too)."""
+    return harness.time_call(fn, reps=repeat, warmup=0).min_s
 
 
 def main() -> None:
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151_643)
     ap.add_argument("--states", type=int, default=640)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     toks = make_catalogue(args.items, args.len, args.vocab)
@@ -87,6 +88,10 @@ def main() -> None:
     t_dev = timed(lambda: [dev_step() for _ in range(200)], 1) / 200
     assert d.advance(r_t, k_t).cpu().tolist() == ch.tolist()
     print(f"device ({dev}): allowed_padded + advance {t_dev * 1e6:.1f} us per step; agrees")
+    row = dict(items=args.items, length=args.len, nodes=trie.num_nodes, build_flat_s=t_flat,
+               build_lists_s=t_list, host_allowed_s=t_allowed, host_advance_s=t_adv,
+               device=dev, device_step_s=t_dev)  # fmt: skip
+    harness.write_results(args.out, "bench_trie", [row], config=vars(args), device=dev)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
     python bench/grpo_batch_advantage.py [--sft-steps 15 40 80] [--sigmas 1.5 0.5]
         [--rollouts 8] [--from-run RUN_DIR] [--out bench/results/grpo_batch_advantage_cpu.json]
 
-Batch mode (SPEC 5.3): A_pk = (s_pk - m) / Z with m = mean of the CLEAN rewards s_p0 of the
-batch and Z the L2 norm of all (s - m). With s_p = mean of prompt p's G rewards, split every
-advantage into
+Batch mode (paper Sec. 3.2.2, Eq. 7): A_pk = (s_pk - m) / Z with m = mean of the CLEAN rewards
+s_p0 of the batch and Z the L2 norm of all (s - m). With s_p = mean of prompt p's G rewards,
+split every advantage into
 
 * the prompt's constant  A_const = (s_p - m) / Z  (the same for all G rows of prompt p; its
   mean over the batch is mean(s) - m < 0 when noisy rows score below the clean rows), and
@@ -34,17 +34,15 @@ them.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import harness  # noqa: E402
 from grpo_estimators import sft_model  # noqa: E402
 
 from latentr3_fast.data import collate  # noqa: E402
@@ -174,6 +172,69 @@ def run_sft_model(run_dir: Path):
     return model, train, valid, pad if pad is not None else model.tokenizer.eos_token_id
 
 
+def analyse_start(args, setting: str, sft_steps: int | None) -> list[dict]:
+    """One starting model (tiny after ``sft_steps`` SFT steps, or the run's SFT model): one
+    record per sigma, each summarising ``--rollouts`` rollouts (mean, min, max)."""
+    if sft_steps is None:
+        model, train, valid, pad_id = run_sft_model(args.from_run)
+    else:
+        model, train, valid, pad_id = sft_model(sft_steps)
+    records = []
+    for sigma in args.sigmas:
+        cfg = GRPOConfig(
+            num_generations=G,
+            sigma=sigma,
+            advantage="batch",
+            prompts_per_step=PROMPTS,
+            micro_batch_prompts=PROMPTS,
+            epochs=100,
+            progress=False,
+            seed=0,
+        )
+        tr = GRPOTrainer(model, cfg, train)
+        base, val_grad = heldout_reward_grad(model, valid[: args.valid_rows], pad_id, tr.params)
+        runs = [analyse_rollout(tr, ri, val_grad) for ri in range(args.rollouts)]
+        summary = {
+            k: {
+                "mean": statistics.fmean(r[k] for r in runs),
+                "min": min(r[k] for r in runs),
+                "max": max(r[k] for r in runs),
+            }
+            for k in runs[0]
+        }
+        records.append({"setting": setting, "sft_steps": sft_steps, "sigma": sigma,
+                        "heldout_reward": base, "rollouts": args.rollouts, **summary})  # fmt: skip
+        what = f"SFT {sft_steps} steps" if sft_steps is not None else f"{args.from_run} SFT"
+        print_summary(f"{setting}, {what} (held-out reward {base:.3f}), sigma {sigma}", summary)
+    return records
+
+
+def print_summary(title: str, summary: dict) -> None:
+    f = {k: v["mean"] for k, v in summary.items()}
+    print(
+        f"{title}: mean A "
+        f"{f['adv_mean']:+.3f} ({100 * f['adv_frac_negative']:.0f} % < 0; noisy - clean "
+        f"{f['noisy_minus_clean_mean']:+.3g}; {100 * f['prompts_below_clean_mean']:.0f} % "
+        f"of prompts below m), |g_const|/|g| {f['const_norm_ratio']:.2f}, |g_cent|/|g| "
+        f"{f['cent_norm_ratio']:.2f}, cos(g, g_const) {f['cos_g_const']:.2f}; -g_const "
+        f"moves a prompt's clean log-lik with the sign of its offset for "
+        f"{100 * f['const_sign_agreement']:.0f} % of prompts (up for "
+        f"{100 * f['const_frac_prompts_up']:.0f} %)",
+        flush=True,
+    )
+    print(
+        f"    per unit step along -g: batch clean log-lik {f['batch_loglik_rate_g']:+.3g} "
+        f"= const {f['batch_loglik_rate_const']:+.3g} + centered "
+        f"{f['batch_loglik_rate_cent']:+.3g} (group {f['batch_loglik_rate_group']:+.3g}); "
+        f"held-out reward {f['heldout_rate_g']:+.3g} = const "
+        f"{f['heldout_rate_const']:+.3g} + centered {f['heldout_rate_cent']:+.3g} (group "
+        f"{f['heldout_rate_group']:+.3g}; first AdamW step: batch "
+        f"{f['heldout_rate_adam1_g']:+.3g}, group {f['heldout_rate_adam1_group']:+.3g}; "
+        f"steepest ascent {f['heldout_steepest_ascent']:+.3g})",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sft-steps", type=int, nargs="*", default=[15, 40, 80])
@@ -189,81 +250,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench/results/grpo_batch_advantage_cpu.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    results = []
     starts: list[tuple[str, int | None]] = [("tiny", n) for n in args.sft_steps]
     if args.from_run is not None:
         starts.append(("embedded default", None))
-    for setting, sft_steps in starts:
-        if sft_steps is None:
-            model, train, valid, pad_id = run_sft_model(args.from_run)
-        else:
-            model, train, valid, pad_id = sft_model(sft_steps)
-        for sigma in args.sigmas:
-            cfg = GRPOConfig(
-                num_generations=G,
-                sigma=sigma,
-                advantage="batch",
-                prompts_per_step=PROMPTS,
-                micro_batch_prompts=PROMPTS,
-                epochs=100,
-                progress=False,
-                seed=0,
-            )
-            tr = GRPOTrainer(model, cfg, train)
-            base, val_grad = heldout_reward_grad(model, valid[: args.valid_rows], pad_id, tr.params)
-            runs = [analyse_rollout(tr, ri, val_grad) for ri in range(args.rollouts)]
-            summary = {
-                k: {
-                    "mean": statistics.fmean(r[k] for r in runs),
-                    "min": min(r[k] for r in runs),
-                    "max": max(r[k] for r in runs),
-                }
-                for k in runs[0]
-            }
-            rec = {
-                "setting": setting,
-                "sft_steps": sft_steps,
-                "sigma": sigma,
-                "heldout_reward": base,
-                "rollouts": args.rollouts,
-                **summary,
-            }
-            results.append(rec)
-            what = f"SFT {sft_steps} steps" if sft_steps is not None else f"{args.from_run} SFT"
-            f = {k: v["mean"] for k, v in summary.items()}
-            print(
-                f"{setting}, {what} (held-out reward {base:.3f}), sigma {sigma}: mean A "
-                f"{f['adv_mean']:+.3f} ({100 * f['adv_frac_negative']:.0f} % < 0; noisy - clean "
-                f"{f['noisy_minus_clean_mean']:+.3g}; {100 * f['prompts_below_clean_mean']:.0f} % "
-                f"of prompts below m), |g_const|/|g| {f['const_norm_ratio']:.2f}, |g_cent|/|g| "
-                f"{f['cent_norm_ratio']:.2f}, cos(g, g_const) {f['cos_g_const']:.2f}; -g_const "
-                f"moves a prompt's clean log-lik with the sign of its offset for "
-                f"{100 * f['const_sign_agreement']:.0f} % of prompts (up for "
-                f"{100 * f['const_frac_prompts_up']:.0f} %)",
-                flush=True,
-            )
-            print(
-                f"    per unit step along -g: batch clean log-lik {f['batch_loglik_rate_g']:+.3g} "
-                f"= const {f['batch_loglik_rate_const']:+.3g} + centered "
-                f"{f['batch_loglik_rate_cent']:+.3g} (group {f['batch_loglik_rate_group']:+.3g}); "
-                f"held-out reward {f['heldout_rate_g']:+.3g} = const "
-                f"{f['heldout_rate_const']:+.3g} + centered {f['heldout_rate_cent']:+.3g} (group "
-                f"{f['heldout_rate_group']:+.3g}; first AdamW step: batch "
-                f"{f['heldout_rate_adam1_g']:+.3g}, group {f['heldout_rate_adam1_group']:+.3g}; "
-                f"steepest ascent {f['heldout_steepest_ascent']:+.3g})",
-                flush=True,
-            )
-    out = {
-        "command": "python bench/grpo_batch_advantage.py " + " ".join(argv or sys.argv[1:]),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-        "torch": torch.__version__,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-    print(f"({out['seconds']} s) -> {args.out}")
+
+    def analyse_all() -> list[dict]:
+        return [rec for start in starts for rec in analyse_start(args, *start)]
+
+    timing = harness.time_call(analyse_all, reps=1, warmup=0)
+    seconds = round(timing.min_s, 1)
+    command = "python bench/grpo_batch_advantage.py " + " ".join(argv or sys.argv[1:])
+    harness.write_results(args.out, "grpo_batch_advantage", timing.result, config=vars(args),
+                          command=command, seconds=seconds)  # fmt: skip
+    print(f"({seconds} s) -> {args.out}")
 
 
 if __name__ == "__main__":

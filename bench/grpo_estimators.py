@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import random
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,9 @@ from latentr3_fast.model import tiny_qwen2
 from latentr3_fast.ops import ppl_reward
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 # (label, estimator, advantage, lr, sigma, GRPO seed)
 GRPO_RUNS = [
@@ -101,44 +105,67 @@ def held_out(model, train, valid) -> float:
     return GRPOTrainer(model, cfg, train).mean_clean_reward(valid)["reward"]
 
 
+def grpo_gain(model, train, valid, base: float, run: tuple, grpo_steps: int) -> float:
+    """Held-out clean-reward change after ``grpo_steps`` GRPO steps of one ``GRPO_RUNS`` entry."""
+    _, est, adv, lr, sigma, seed = run
+    cfg = GRPOConfig(
+        num_generations=8,
+        sigma=sigma,
+        advantage=adv,
+        estimator=est,
+        prompts_per_step=16,
+        micro_batch_prompts=16,
+        lr=lr,
+        warmup_steps=0,
+        schedule="constant",
+        max_steps=grpo_steps,
+        epochs=100,
+        progress=False,
+        seed=seed,
+    )
+    tr = GRPOTrainer(model, cfg, train)
+    tr.train()
+    return tr.mean_clean_reward(valid)["reward"] - base
+
+
+def one_sft_length(sft_steps: int, grpo_steps: int) -> list[dict]:
+    """The rows of one SFT length: direct ascent and every GRPO run, from the same weights."""
+    model, train, valid, pad_id = sft_model(sft_steps)
+    base = held_out(model, train, valid)
+    print(f"== after {sft_steps} SFT steps: held-out clean reward {base:.4f}", flush=True)
+
+    def direct():
+        m = copy.deepcopy(model)
+        direct_ascent(m, train, pad_id, grpo_steps)
+        return held_out(m, train, valid) - base
+
+    runs = [("direct ascent (ceiling), lr 1e-3", direct)]
+    runs += [(r[0], lambda r=r: grpo_gain(copy.deepcopy(model), train, valid, base, r, grpo_steps))
+             for r in GRPO_RUNS]  # fmt: skip
+    rows = []
+    for label, fn in runs:
+        timing = harness.time_call(fn, reps=1, warmup=0)
+        print(f"   {label:44s} {timing.result:+.4f}", flush=True)
+        rows.append(dict(sft_steps=sft_steps, run=label, base_reward=base,
+                         reward_gain=timing.result, seconds=timing.min_s))  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sft-steps", type=int, nargs="+", default=[15, 25, 40, 80])
     ap.add_argument("--grpo-steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="write the results JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    rows = []
     for sft_steps in args.sft_steps:
-        t0 = time.perf_counter()
-        model, train, valid, pad_id = sft_model(sft_steps)
-
-        base = held_out(model, train, valid)
-        print(f"== after {sft_steps} SFT steps: held-out clean reward {base:.4f}", flush=True)
-        m = copy.deepcopy(model)
-        direct_ascent(m, train, pad_id, args.grpo_steps)
-        gain = held_out(m, train, valid) - base
-        print(f"   {'direct ascent (ceiling), lr 1e-3':44s} {gain:+.4f}")
-        for label, est, adv, lr, sigma, seed in GRPO_RUNS:
-            m = copy.deepcopy(model)
-            cfg = GRPOConfig(
-                num_generations=8,
-                sigma=sigma,
-                advantage=adv,
-                estimator=est,
-                prompts_per_step=16,
-                micro_batch_prompts=16,
-                lr=lr,
-                warmup_steps=0,
-                schedule="constant",
-                max_steps=args.grpo_steps,
-                epochs=100,
-                progress=False,
-                seed=seed,
-            )
-            tr = GRPOTrainer(m, cfg, train)
-            tr.train()
-            print(f"   {label:44s} {tr.mean_clean_reward(valid)['reward'] - base:+.4f}", flush=True)
-        print(f"   ({time.perf_counter() - t0:.0f} s)")
+        timing = harness.time_call(lambda n=sft_steps: one_sft_length(n, args.grpo_steps),
+                                   reps=1, warmup=0)  # fmt: skip
+        rows += timing.result
+        print(f"   ({timing.min_s:.0f} s)")
+    harness.write_results(args.out, "grpo_estimators", rows, config=vars(args))
 
 
 if __name__ == "__main__":

@@ -43,16 +43,16 @@ def _setup_env(cache_dir: str) -> None:
 
 def _cases(only: set[str]) -> list[dict]:
     from latentr3_fast.kernels import gaussian_expand as ge
-    from latentr3_fast.kernels import linear_logprob as ll
+    from latentr3_fast.kernels import logprob_configs as lc
 
     cases = []
-    for (arch, fam), table in ll.reachable_configs().items():
+    for (arch, fam), table in lc.reachable_configs().items():
         for cfg in table:
             for kernel in ("fwd", "grad"):
                 if kernel not in only:
                     continue
                 for dtype in ("fp32",) if fam == "fp32" else ("bf16", "fp16"):
-                    # The bias variant adds one [BLOCK_V] load after the K loop; compiled for
+                    # The bias variant adds one [BLOCK_VOCAB] load after the K loop; compiled for
                     # bf16 (the training dtype) to keep the test fast.
                     for bias in (False, True) if dtype == "bf16" else (False,):
                         cases.append(dict(kernel=kernel, arch=arch, cfg=list(cfg), dtype=dtype,
@@ -106,22 +106,22 @@ def _kernel_and_args(case: dict):
     if case["kernel"] == "expand":
         (block,) = case["cfg"]
         r = _tensor(dtype, 4)
-        args = dict(R=r, NOISE=f32, OUT=r, seed=12345, sigma=1.5, G=8, D=DIM,
+        args = dict(R=r, NOISE=f32, OUT=r, seed=12345, sigma=1.5, num_generations=8, D=DIM,
                     stride_rp=DIM, stride_rn=DIM, stride_rd=1, stride_op=5 * DIM,
                     stride_on=DIM, stride_od=1)  # fmt: skip
         const = dict(HAS_NOISE=case["bias"], BLOCK_D=block)
         return ge._expand_kernel, args, const, 4, 1
-    bm, bv, bk, warps, stages = case["cfg"]
+    block_rows, block_vocab, block_dim, warps, stages = case["cfg"]
     h = _tensor(dtype, 4)
     tgt = torch.empty(4, dtype=torch.int64)
-    common = dict(H=h, W=h, B=h, T=tgt, M=ROWS, V=VOCAB, D=DIM, stride_hm=DIM, stride_hk=1,
-                  stride_wv=DIM, stride_wk=1, inv_t=1.25)  # fmt: skip
+    common = dict(HIDDEN=h, WEIGHT=h, BIAS=h, TARGETS=tgt, M=ROWS, V=VOCAB, D=DIM, stride_hm=DIM,
+                  stride_hk=1, stride_wv=DIM, stride_wk=1, inv_temperature=1.25)  # fmt: skip
     const = dict(HAS_BIAS=case["bias"], PRECISION=ll.PRECISION, UPCAST=False,
-                 BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)  # fmt: skip
+                 BLOCK_ROWS=block_rows, BLOCK_VOCAB=block_vocab, BLOCK_DIM=block_dim)  # fmt: skip
     if case["kernel"] == "fwd":
         args = dict(common, PART_MAX=f32, PART_SUM=f32, PART_TGT=f32, num_splits=7)
         return ll._fwd_kernel, args, const, warps, stages
-    args = dict(common, LSE=f32, SCALE=f32, G=h, stride_gm=VOCAB)
+    args = dict(common, LSE=f32, SCALE=f32, GRAD=h, stride_gm=VOCAB)
     return ll._grad_kernel, args, const, warps, stages
 
 
@@ -198,9 +198,9 @@ def markdown(rows: list[dict]) -> str:
 
     head = (f"Ahead-of-time compilation (triton {triton.__version__}, no GPU), d={DIM}, "
             f"V={VOCAB}.\n\n")  # fmt: skip
-    lines = ["| kernel | arch | config (BM,BV,BK,warps,stages / BLOCK_D) | dtype | bias/noise "
-             "| matrix instructions | fma.f32 | widest ld (bits) | regs | spill st/ld | smem "
-             "| error |",
+    lines = ["| kernel | arch | config (rows,vocab,dim,warps,stages / BLOCK_D) | dtype "
+             "| bias/noise | matrix instructions | fma.f32 | widest ld (bits) | regs | spill st/ld "
+             "| smem | error |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         mma = ", ".join(m.replace("mma_async.sync.aligned.", "").replace("sync.aligned.", "")

@@ -1,8 +1,8 @@
 """Peak-memory probe for one fused-log-prob case, run in a fresh subprocess.
 
-CPU: resets the process's RSS high-water mark (``/proc/self/clear_refs``), runs the op once and
-reports ``VmHWM - VmRSS(before)``: the extra resident memory the op needed at its peak.
-CUDA: ``torch.cuda.max_memory_allocated`` minus the memory held before the call.
+Measured by ``harness.PeakMemory``: on CPU the RSS high-water mark above the RSS before (the
+extra resident memory the op needed at its peak), on CUDA ``max_memory_allocated`` above the
+memory held before the call.
 
 Usage: python bench/ops_memprobe.py IMPL M D V PASS DTYPE   (prints one JSON line)
 """
@@ -12,20 +12,15 @@ from __future__ import annotations
 import json
 import sys
 
+import harness
 import torch
-
-
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def make_case(impl: str, m: int, d: int, v: int, passes: str, dtype: str, device: str):
     """Inputs and a zero-argument callable running the case (shared with the benchmark)."""
-    from latentr3_fast.ops import fused_linear_logprob_torch, naive_linear_logprob
+    from reference_ops import naive_linear_logprob
+
+    from latentr3_fast.ops import fused_linear_logprob_torch
 
     dt = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -56,31 +51,21 @@ def make_case(impl: str, m: int, d: int, v: int, passes: str, dtype: str, device
     return run
 
 
-def cuda_peak_bytes(run) -> int:
-    """Peak extra CUDA memory of one ``run()`` (the caching allocator's own accounting)."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+def peak_bytes(run, device: str) -> int:
+    """Peak extra memory of one ``run()`` (:class:`harness.PeakMemory`)."""
+    if device != "cuda":
+        # Warm up BLAS/OpenMP thread buffers on a tiny GEMM so they are not counted.
+        torch.randn(64, 256) @ torch.randn(256, 4096)
+    with harness.PeakMemory(device) as mem:
+        run()
+    return mem.bytes
 
 
 def main() -> None:
     impl, m, d, v, passes, dtype = sys.argv[1:7]
     device = "cuda" if impl == "fused_triton" or "--cuda" in sys.argv else "cpu"
     run = make_case(impl, int(m), int(d), int(v), passes, dtype, device)
-    if device == "cuda":
-        peak = cuda_peak_bytes(run)
-    else:
-        # Warm up BLAS/OpenMP thread buffers on a tiny GEMM so they are not counted.
-        torch.randn(64, 256) @ torch.randn(256, 4096)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = _status("VmRSS")
-        run()
-        peak = _status("VmHWM") - before
-    print(json.dumps({"peak_bytes": int(peak)}))
+    print(json.dumps({"peak_bytes": int(peak_bytes(run, device))}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Reference-style SFT step (what SPEC section 4 says the authors' code does), for benchmarks.
+"""Reference-style SFT step (the authors' code for paper Sec. 3.2.1, Eq. 4), for benchmarks.
 
 Two (or N+1) FULL causal-LM forwards, each materialising full-vocabulary logits at every
 position: first over the prompt (the hidden states give r through LatentRATT; the logits are

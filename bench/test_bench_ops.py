@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import pytest
 import torch
-from ops_memprobe import cuda_peak_bytes, make_case
+from ops_memprobe import make_case, peak_bytes
 
 D, V = 1536, 151_665
 CUDA = torch.cuda.is_available()
@@ -30,15 +31,14 @@ ROUNDS = 10 if CUDA else 3
 
 
 def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
+    harness.sync(DEVICE)
 
 
 def _peak_bytes(impl: str, m: int, passes: str, run) -> int:
     """Peak extra memory of one call: in-process on CUDA (allocator statistics), in a fresh
     process on CPU (RSS high-water mark; no allocator history)."""
     if CUDA:
-        return cuda_peak_bytes(run)
+        return peak_bytes(run, DEVICE)
     probe = Path(__file__).with_name("ops_memprobe.py")
     args = [sys.executable, str(probe), impl, str(m), str(D), str(V), passes, DTYPE]
     res = subprocess.run(args, capture_output=True, text=True, timeout=600, env=dict(os.environ))

@@ -1,31 +1,62 @@
-"""Turn bench/results/*.json into Markdown tables (fused vs naive, with ratios).
+"""Turn bench/results/*.json into Markdown tables.
+
+Reads the one results schema of ``bench/harness.py`` (``machine``, ``config``, ``rows``): the
+pytest-benchmark op files (``test_bench_ops_*``) get the fused-vs-naive table with ratios, every
+other benchmark a plain table of its rows. Older files written before the harness are read when
+they have ``machine`` and a list of ``rows``, and skipped (with a note) otherwise.
 
 Usage: python bench/to_markdown.py [results_dir_or_files...]  (default: bench/results)
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+import harness
 
 
 def _mib(b) -> str:
     return "-" if b is None else f"{b / 2**20:.1f}"
 
 
-def table(data: dict) -> str:
-    """One Markdown table per results file; ratio columns compare with the naive row."""
-    rows = data["rows"]
-    info = data["machine"]
-    where = info.get("gpu") or info.get("cpu_model") or info.get("processor")
-    head = (
-        f"*{where}; torch {info['torch']}, triton {info.get('triton')}, "
+def machine_line(info: dict) -> str:
+    """Where and with what: one italic line above each table."""
+    where = info.get("gpu") or info.get("cpu_model") or info.get("processor") or info.get("device")
+    return (
+        f"*{where}; torch {info.get('torch')}, triton {info.get('triton')}, "
         f"{info.get('torch_threads')} threads, load {info.get('loadavg_1m', '?')}, "
-        f"{info['timestamp_utc']}*\n\n"
-        "| op | pass | rows (M) | dtype | impl | min time (ms) | median (ms) | time / naive "
+        f"{info.get('timestamp_utc', '?')}*\n\n"
+    )
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict | list):
+        return "…"
+    return str(value)
+
+
+def generic_table(data: dict) -> str:
+    """Any benchmark's rows: one column per key holding a scalar in some row."""
+    rows = data["rows"]
+    keys = list(
+        dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, dict | list))
+    )
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return machine_line(data["machine"]) + "\n".join(lines) + "\n"
+
+
+def table(data: dict) -> str:
+    """The op benchmark's table; ratio columns compare with the naive row."""
+    rows = data["rows"]
+    head = (
+        machine_line(data["machine"])
+        + "| op | pass | rows (M) | dtype | impl | min time (ms) | median (ms) | time / naive "
         "| peak mem (MiB) | mem / naive | designed temporaries (MiB) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        + "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     naive = {(r["op"], r["passes"], r["m"]): r for r in rows if r["impl"] == "naive"}
     out = []
@@ -66,12 +97,15 @@ def main(argv: list[str]) -> None:
     for t in targets:
         files += sorted(t.glob("*.json")) if t.is_dir() else [t]
     for f in files:
-        data = json.loads(f.read_text())
-        if not (isinstance(data, dict) and "machine" in data and "rows" in data):
-            print(f"(skipping {f}: not written by bench/conftest.py)", file=sys.stderr)
+        data = harness.load_results(f)
+        if not (
+            isinstance(data, dict) and "machine" in data and isinstance(data.get("rows"), list)
+        ):
+            print(f"(skipping {f}: written before bench/harness.py's schema)", file=sys.stderr)
             continue
         print(f"### {f.stem}\n")
-        print(table(data))
+        is_op_table = bool(data["rows"]) and all("impl" in r and "op" in r for r in data["rows"])
+        print(table(data) if is_op_table else generic_table(data))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Triton GRPO latent expansion with in-kernel Philox noise.
+"""Triton GRPO latent expansion with in-kernel Philox noise (the sampling of paper Sec. 3.2.2,
+Eq. 5: ``r^k = r + eps``, ``eps ~ N(0, sigma^2)``, with ``r^0 = r``).
 
 One program per (output row, latent step, d block). Row ``p*G + k`` copies ``r[p, n]``; on
 step 0 of rows k >= 1 it adds ``sigma * eps`` with ``eps = tl.randn(seed, offset)`` where
@@ -24,7 +25,7 @@ def _expand_kernel(
     OUT,
     seed,
     sigma,
-    G,
+    num_generations,
     D,
     stride_rp,
     stride_rn,
@@ -39,14 +40,14 @@ def _expand_kernel(
     n = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = cols < D
-    p = row // G
-    k = row % G
+    p = row // num_generations
+    k = row % num_generations
     # int64 row offsets: [P*G, L, d] suffix buffers can pass 2**31 elements.
     src = R + p.to(tl.int64) * stride_rp + n * stride_rn
     x = tl.load(src + cols * stride_rd, mask=ok, other=0.0)
     x = x.to(tl.float32)
     if (n == 0) & (k > 0):
-        offs = (p.to(tl.int64) * (G - 1) + (k - 1)) * D + cols
+        offs = (p.to(tl.int64) * (num_generations - 1) + (k - 1)) * D + cols
         if HAS_NOISE:
             eps = tl.load(NOISE + offs, mask=ok, other=0.0)
         else:

@@ -1,16 +1,19 @@
-"""Triton fused LM head + log-softmax + gather (forward and backward).
+"""Triton fused LM head + log-softmax + gather (forward and backward): the per-token
+log-probabilities of the SFT loss (paper Sec. 3.2.1, Eq. 4), the perplexity reward (Eq. 6) and
+the GRPO ratio (Eq. 8).
 
 Forward (``_fwd_kernel``): a grid of (row block, vocabulary split) programs; each walks its V
-tiles, computes the ``[BLOCK_M, BLOCK_V]`` logits tile as a K-loop of ``tl.dot`` with an fp32
-accumulator, and keeps an online (max, sum-exp) per row plus the target logit. The per-split
-partials ``[S, M]`` are merged by a few tiny torch ops. The ``[M, V]`` logits never exist.
+tiles, computes the ``[BLOCK_ROWS, BLOCK_VOCAB]`` logits tile as a loop over d of ``tl.dot``
+with an fp32 accumulator, and keeps an online (max, sum-exp) per row plus the target logit.
+The per-split partials ``[S, M]`` are merged by a few tiny torch ops. The ``[M, V]`` logits
+never exist.
 
 Backward, deterministic and without atomics: rows are processed in chunks; for each chunk
 ``_grad_kernel`` recomputes the logits tiles from the saved log-sum-exp and writes
-``g = (onehot - softmax) * grad_out / T`` in the compute dtype into a ``[chunk, V]`` buffer
-(every program owns its tile: plain stores). Then ``dH = g @ W`` and, only when the head trains,
-``dW += g.T @ H`` and ``db += sum(g)`` are ordinary GEMMs/reductions (the approach of Liger-
-Kernel's fused linear cross-entropy). Memory is bounded by the chunk buffer
+``g = (onehot - softmax) * grad_out / temperature`` in the compute dtype into a ``[chunk, V]``
+buffer (every program owns its tile: plain stores). Then ``dH = g @ W`` and, only when the head
+trains, ``dW += g.T @ H`` and ``db += sum(g)`` are ordinary GEMMs/reductions (the approach of
+Liger-Kernel's fused linear cross-entropy). Memory is bounded by the chunk buffer
 (``BWD_CHUNK_ELEMENTS``), not by M; results do not depend on launch order.
 
 Precision: bf16/fp16 operands go into ``tl.dot`` in their own dtype (tensor cores at full
@@ -19,11 +22,10 @@ to ``weight.dtype`` on the host (the small tensor, never the ``[V, d]`` head), l
 torch path. Only under ``TRITON_INTERPRET=1`` are loads converted to fp32 (``UPCAST``), because
 the interpreter computes bf16 wrongly; a GPU never does that conversion. Softmax math is fp32.
 
-Configs: ``CONFIGS[arch][family][bucket]`` lists the (BLOCK_M, BLOCK_V, BLOCK_K, warps,
-stages) that the
-dispatcher can pick; the first entry is the default, the others are searched only with
-``LATENTR3_AUTOTUNE=1`` (``triton.autotune``, keyed on V, d and dtype). Every entry is compiled
-for sm_80/sm_90 by ``tests/kernels/test_kernel_codegen.py`` (tensor-core type, zero spills).
+Configs: ``CONFIGS[arch][family][bucket]`` lists the (BLOCK_ROWS, BLOCK_VOCAB, BLOCK_DIM,
+warps, stages) that the dispatcher can pick; the first entry is the default, the others are
+searched only with ``LATENTR3_AUTOTUNE=1`` (``triton.autotune``, keyed on V, d and dtype). Every
+entry is compiled for sm_80/sm_90 by ``tests/kernels/test_kernel_codegen.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_logprob_args, interpreting
+from .logprob_configs import CONFIGS, KernelConfig, arch_class, family, row_bucket
 
 # Elements of the backward's per-chunk gradient buffer: 2**26 (128 MiB in bf16, about the fp32
 # logits of 220 rows at V=151,936). That gives 384-row chunks at Qwen's vocabulary: GEMMs large
@@ -45,55 +48,15 @@ BWD_CHUNK_ELEMENTS = 1 << 26
 AUTOTUNE_ENV = "LATENTR3_AUTOTUNE"
 
 
-class KernelConfig(NamedTuple):
-    """One launch configuration of the log-prob kernels."""
-
-    block_m: int
-    block_v: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-# Row buckets: the smallest BLOCK_M that covers small batches (no wasted MMA rows), 64 rows for
-# everything else. Per arch class ("sm80": A100-class and other pre-Hopper GPUs; "sm90": H100/
-# H200) and operand family ("16bit": bf16/fp16 tensor cores; "fp32": the exact IEEE path, which
-# runs on FMA units and needs smaller tiles to stay in registers). Sizes chosen so that the
-# accumulator plus the pipelined operands fit without spills (checked by the code-generation
-# test), not measured on a GPU: ``bench/gpu_check.sh`` records what the autotuner picks.
-ROW_BUCKETS = (16, 32, 64)
-_FP32 = {
-    16: (KernelConfig(16, 64, 32, 4, 2),),
-    32: (KernelConfig(32, 128, 32, 8, 2),),
-    64: (KernelConfig(64, 64, 16, 4, 2),),
-}
-CONFIGS: dict[str, dict[str, dict[int, tuple[KernelConfig, ...]]]] = {
-    "sm80": {
-        "16bit": {
-            16: (KernelConfig(16, 128, 64, 4, 3), KernelConfig(16, 256, 64, 8, 3)),
-            32: (KernelConfig(32, 128, 64, 4, 3), KernelConfig(32, 256, 64, 8, 3)),
-            64: (KernelConfig(64, 128, 64, 8, 3), KernelConfig(64, 128, 32, 4, 4)),
-        },
-        "fp32": _FP32,
-    },
-    "sm90": {
-        "16bit": {
-            16: (KernelConfig(16, 128, 64, 4, 3), KernelConfig(16, 256, 64, 8, 3)),
-            32: (KernelConfig(32, 128, 64, 4, 3), KernelConfig(32, 256, 64, 8, 3)),
-            64: (KernelConfig(64, 128, 64, 4, 3), KernelConfig(64, 256, 64, 8, 3)),
-        },
-        "fp32": _FP32,
-    },
-}
 # The interpreter pays per op, not per element: few, large tiles.
-_INTERPRET_BLOCK_V = 512
+_INTERPRET_BLOCK_VOCAB = 512
 
 
 @triton.jit
 def _logits_tile(
-    H,
-    W,
-    B,
+    HIDDEN,
+    WEIGHT,
+    BIAS,
     rows,
     cols,
     row_ok,
@@ -103,20 +66,20 @@ def _logits_tile(
     stride_hk,
     stride_wv,
     stride_wk,
-    inv_t,
+    inv_temperature,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_VOCAB: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
 ):
     # int64 row offsets: rows * d and V * d pass 2**31 at real sizes (16k rows x 151,936 x 1536).
-    h_ptr = H + rows.to(tl.int64)[:, None] * stride_hm
-    w_ptr = W + cols.to(tl.int64)[None, :] * stride_wv
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+    h_ptr = HIDDEN + rows.to(tl.int64)[:, None] * stride_hm
+    w_ptr = WEIGHT + cols.to(tl.int64)[None, :] * stride_wv
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_VOCAB), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_DIM):
+        ks = k0 + tl.arange(0, BLOCK_DIM)
         k_ok = ks < D
         h_mask = row_ok[:, None] & k_ok[None, :]
         w_mask = col_ok[None, :] & k_ok[:, None]
@@ -127,16 +90,16 @@ def _logits_tile(
             w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc * inv_t
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_temperature
 
 
 @triton.jit
 def _fwd_kernel(
-    H,
-    W,
-    B,
-    T,
+    HIDDEN,
+    WEIGHT,
+    BIAS,
+    TARGETS,
     PART_MAX,
     PART_SUM,
     PART_TGT,
@@ -147,56 +110,57 @@ def _fwd_kernel(
     stride_hk,
     stride_wv,
     stride_wk,
-    inv_t,
+    inv_temperature,
     num_splits,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_VOCAB: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < M
-    tgt = tl.load(T + rows, mask=row_ok, other=-1)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    n_tiles = tl.cdiv(V, BLOCK_V)
+    target_ids = tl.load(TARGETS + rows, mask=row_ok, other=-1)
+    run_max = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    n_tiles = tl.cdiv(V, BLOCK_VOCAB)
     per_split = tl.cdiv(n_tiles, num_splits)
     tile0 = pid_s * per_split
     tile1 = tl.minimum(tile0 + per_split, n_tiles)
-    # Every visited tile holds >= 1 real column, so m_i is finite after it. A split with no
+    # Every visited tile holds >= 1 real column, so run_max is finite after it. A split with no
     # tile stores (-inf, 0, 0), which the host merge turns into a zero contribution.
     for tile in range(tile0, tile1):
-        cols = tile * BLOCK_V + tl.arange(0, BLOCK_V)
+        cols = tile * BLOCK_VOCAB + tl.arange(0, BLOCK_VOCAB)
         col_ok = cols < V
         z = _logits_tile(
-            H, W, B, rows, cols, row_ok, col_ok, D, stride_hm, stride_hk, stride_wv, stride_wk,
-            inv_t, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K,
+            HIDDEN, WEIGHT, BIAS, rows, cols, row_ok, col_ok, D,
+            stride_hm, stride_hk, stride_wv, stride_wk, inv_temperature,
+            HAS_BIAS, PRECISION, UPCAST, BLOCK_ROWS, BLOCK_VOCAB, BLOCK_DIM,
         )  # fmt: skip
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        t_i += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-        m_i = m_new
+        target_logit += tl.sum(tl.where(cols[None, :] == target_ids[:, None], z, 0.0), axis=1)
+        m_new = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        run_max = m_new
     out = pid_s * M + rows
-    tl.store(PART_MAX + out, m_i, mask=row_ok)
-    tl.store(PART_SUM + out, l_i, mask=row_ok)
-    tl.store(PART_TGT + out, t_i, mask=row_ok)
+    tl.store(PART_MAX + out, run_max, mask=row_ok)
+    tl.store(PART_SUM + out, run_sum, mask=row_ok)
+    tl.store(PART_TGT + out, target_logit, mask=row_ok)
 
 
 @triton.jit
 def _grad_kernel(
-    H,
-    W,
-    B,
-    T,
+    HIDDEN,
+    WEIGHT,
+    BIAS,
+    TARGETS,
     LSE,
     SCALE,
-    G,
+    GRAD,
     M,
     V,
     D,
@@ -205,58 +169,35 @@ def _grad_kernel(
     stride_wv,
     stride_wk,
     stride_gm,
-    inv_t,
+    inv_temperature,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_VOCAB: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
 ):
-    """One ``[BLOCK_M, BLOCK_V]`` tile of ``g = (onehot - softmax) * scale`` (rows of a chunk)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    """One ``[BLOCK_ROWS, BLOCK_VOCAB]`` tile of ``g = (onehot - softmax) * scale`` of a chunk."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.program_id(1) * BLOCK_VOCAB + tl.arange(0, BLOCK_VOCAB)
     row_ok = rows < M
     col_ok = cols < V
-    tgt = tl.load(T + rows, mask=row_ok, other=-1)
+    target_ids = tl.load(TARGETS + rows, mask=row_ok, other=-1)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    scale = tl.load(SCALE + rows, mask=row_ok, other=0.0)  # grad_out / T, 0 on ignored rows
+    scale = tl.load(SCALE + rows, mask=row_ok, other=0.0)  # grad_out / temperature, 0 on ignored
     z = _logits_tile(
-        H, W, B, rows, cols, row_ok, col_ok, D, stride_hm, stride_hk, stride_wv, stride_wk,
-        inv_t, HAS_BIAS, PRECISION, UPCAST, BLOCK_M, BLOCK_V, BLOCK_K,
+        HIDDEN, WEIGHT, BIAS, rows, cols, row_ok, col_ok, D,
+        stride_hm, stride_hk, stride_wv, stride_wk, inv_temperature,
+        HAS_BIAS, PRECISION, UPCAST, BLOCK_ROWS, BLOCK_VOCAB, BLOCK_DIM,
     )  # fmt: skip
     p = tl.exp(z - lse[:, None])
-    g = (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p) * scale[:, None]
-    dst = G + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
-    tl.store(dst, g.to(G.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    g = (tl.where(cols[None, :] == target_ids[:, None], 1.0, 0.0) - p) * scale[:, None]
+    dst = GRAD + rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+    tl.store(dst, g.to(GRAD.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
 # Host side: configs, dispatch, autograd.
-
-
-def arch_class(capability: tuple[int, int]) -> str:
-    """The config class of a CUDA compute capability: "sm90" for Hopper, else "sm80"."""
-    return "sm90" if capability[0] == 9 else "sm80"
-
-
-def row_bucket(rows: int) -> int:
-    """The BLOCK_M bucket for ``rows`` rows (16, 32 or 64)."""
-    return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
-
-
-def family(dtype: torch.dtype | str) -> str:
-    """The config family of an operand dtype: "fp32" or "16bit" (bf16/fp16)."""
-    return "fp32" if dtype in (torch.float32, "fp32") else "16bit"
-
-
-def reachable_configs() -> dict[tuple[str, str], tuple[KernelConfig, ...]]:
-    """Every config the dispatcher or the autotuner can launch, per (arch class, family)."""
-    return {
-        (arch, fam): tuple(c for b in ROW_BUCKETS for c in table[b])
-        for arch, families in CONFIGS.items()
-        for fam, table in families.items()
-    }
 
 
 @functools.lru_cache(maxsize=8)
@@ -285,7 +226,7 @@ def _tuned(kernel_name: str, arch: str, fam: str, bucket: int):
     kernel = {"fwd": _fwd_kernel, "grad": _grad_kernel}[kernel_name]
     configs = [
         triton.Config(
-            dict(BLOCK_M=c.block_m, BLOCK_V=c.block_v, BLOCK_K=c.block_k),
+            dict(BLOCK_ROWS=c.block_rows, BLOCK_VOCAB=c.block_vocab, BLOCK_DIM=c.block_dim),
             num_warps=c.num_warps,
             num_stages=c.num_stages,
         )
@@ -297,8 +238,8 @@ def _tuned(kernel_name: str, arch: str, fam: str, bucket: int):
 
 class _Plan(NamedTuple):
     kernel_args: dict  # constexpr/meta kwargs for a plain launch; {} when autotuned
-    block_m: int
-    block_v: int  # the smallest BLOCK_V the launch can use (sizes the vocabulary splits)
+    block_rows: int
+    block_vocab: int  # the smallest BLOCK_VOCAB the launch can use (sizes the vocabulary splits)
     autotuned: bool
     arch: str
     fam: str
@@ -308,45 +249,46 @@ class _Plan(NamedTuple):
 
 def _plan(rows: int, dim: int, dtype: torch.dtype, device: torch.device, overrides: dict) -> _Plan:
     if interpreting() or device.type != "cuda":
-        bm = max(16, min(64, triton.next_power_of_2(max(1, rows))))
-        bk = max(16, min(128, triton.next_power_of_2(dim)))
-        cfg = KernelConfig(bm, _INTERPRET_BLOCK_V, bk, 4, 1)
+        block_rows = max(16, min(64, triton.next_power_of_2(max(1, rows))))
+        block_dim = max(16, min(128, triton.next_power_of_2(dim)))
+        cfg = KernelConfig(block_rows, _INTERPRET_BLOCK_VOCAB, block_dim, 4, 1)
         arch, sms = "interpret", 1
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         arch, sms = _device_info(index)
         cfg = CONFIGS[arch][family(dtype)][row_bucket(rows)][0]
-    bv = overrides.get("block_v") or cfg.block_v
-    bk = overrides.get("block_k") or cfg.block_k
+    block_vocab = overrides.get("block_vocab") or cfg.block_vocab
+    block_dim = overrides.get("block_dim") or cfg.block_dim
     # Explicit tile/split overrides (tests, experiments) bypass both the table and the autotuner.
-    forced = any(overrides.get(k) for k in ("block_v", "block_k", "splits"))
+    forced = any(overrides.get(k) for k in ("block_vocab", "block_dim", "splits"))
     tuned = arch != "interpret" and _autotune_enabled() and not forced
-    args = {} if tuned else dict(BLOCK_M=cfg.block_m, BLOCK_V=bv, BLOCK_K=bk,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    args = {} if tuned else dict(BLOCK_ROWS=cfg.block_rows, BLOCK_VOCAB=block_vocab,
+                                 BLOCK_DIM=block_dim, num_warps=cfg.num_warps,
+                                 num_stages=cfg.num_stages)  # fmt: skip
     fam, bucket = family(dtype), row_bucket(rows)
     if tuned:
-        bv = min(c.block_v for c in CONFIGS[arch][fam][bucket])
-    return _Plan(args, cfg.block_m, bv, tuned, arch, fam, bucket, sms)
+        block_vocab = min(c.block_vocab for c in CONFIGS[arch][fam][bucket])
+    return _Plan(args, cfg.block_rows, block_vocab, tuned, arch, fam, bucket, sms)
 
 
 def _num_splits(rows: int, vocab: int, plan: _Plan, splits: int | None) -> int:
-    tiles = triton.cdiv(vocab, plan.block_v)
+    tiles = triton.cdiv(vocab, plan.block_vocab)
     if splits is None:
         if plan.arch == "interpret":
             return 1
-        splits = max(1, (4 * plan.sms) // triton.cdiv(rows, plan.block_m))  # ~4 waves
+        splits = max(1, (4 * plan.sms) // triton.cdiv(rows, plan.block_rows))  # ~4 waves
     return max(1, min(tiles, int(splits)))
 
 
 def _launch(name: str, plan: _Plan, grid_rows: int, grid_cols, *args, **const) -> None:
     if plan.autotuned:
         kern = _tuned(name, plan.arch, plan.fam, plan.bucket)
-        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M"]), grid_cols(meta))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_ROWS"]), grid_cols(meta))  # noqa: E731
         kern[grid](*args, **const)
     else:
         kern = {"fwd": _fwd_kernel, "grad": _grad_kernel}[name]
         meta = plan.kernel_args
-        kern[(triton.cdiv(grid_rows, meta["BLOCK_M"]), grid_cols(meta))](*args, **const, **meta)
+        kern[(triton.cdiv(grid_rows, meta["BLOCK_ROWS"]), grid_cols(meta))](*args, **const, **meta)
 
 
 # fp32 operands: IEEE dots (exact; TF32 would cost ~1e-3 relative). bf16/fp16 operands ignore
@@ -361,37 +303,37 @@ class _TritonLinearLogprob(torch.autograd.Function):
         vocab = weight.shape[0]
         plan = _plan(rows, dim, weight.dtype, hidden.device, overrides)
         n_splits = _num_splits(rows, vocab, plan, overrides.get("splits"))
-        inv_t = 1.0 / float(temperature)
+        inv_temperature = 1.0 / float(temperature)
         h = hidden.to(weight.dtype)  # GEMM dtype = the head's; convert the small tensor only
-        tgt = targets.to(torch.int64).contiguous()
+        target_ids = targets.to(torch.int64).contiguous()
         parts = torch.empty(3, n_splits, rows, dtype=torch.float32, device=hidden.device)
         const = dict(HAS_BIAS=bias is not None, PRECISION=PRECISION,
                      UPCAST=interpreting())  # fmt: skip
         _launch(
             "fwd", plan, rows, lambda meta: n_splits,
-            h, weight, bias if bias is not None else h, tgt, parts[0], parts[1], parts[2],
+            h, weight, bias if bias is not None else h, target_ids, parts[0], parts[1], parts[2],
             rows, vocab, dim, h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-            inv_t, n_splits, **const,
+            inv_temperature, n_splits, **const,
         )  # fmt: skip
         pmax, psum, ptgt = parts[0], parts[1], parts[2]
         gmax = pmax.max(dim=0).values
         lse = gmax + torch.log((psum * torch.exp(pmax - gmax)).sum(dim=0))
-        valid = tgt != ignore_index
+        valid = target_ids != ignore_index
         logp = torch.where(valid, ptgt.sum(dim=0) - lse, torch.zeros_like(lse))
-        ctx.save_for_backward(hidden, weight, tgt, valid, bias, lse)
-        ctx.inv_t, ctx.overrides = inv_t, overrides
+        ctx.save_for_backward(hidden, weight, target_ids, valid, bias, lse)
+        ctx.inv_temperature, ctx.overrides = inv_temperature, overrides
         ctx.mark_non_differentiable(lse)
         return logp, lse
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        hidden, weight, tgt, valid, bias, lse = ctx.saved_tensors
+        hidden, weight, target_ids, valid, bias, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[3]
         if not (need_h or need_w or need_b):
             return None, None, None, None, None, None, None
         dh, dw, db = grad_from_lse(
-            hidden, weight, tgt, valid, bias, lse, grad_out, ctx.inv_t,
+            hidden, weight, target_ids, valid, bias, lse, grad_out, ctx.inv_temperature,
             need_h=need_h, need_w=need_w, need_b=need_b,
             chunk_rows=ctx.overrides.get("chunk_rows"), overrides=ctx.overrides,
         )  # fmt: skip
@@ -406,7 +348,7 @@ def grad_from_lse(
     bias: torch.Tensor | None,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
-    inv_t: float,
+    inv_temperature: float,
     *,
     need_h: bool = True,
     need_w: bool = False,
@@ -429,14 +371,15 @@ def grad_from_lse(
     overrides = overrides or {}
     rows, dim = hidden.shape
     vocab = weight.shape[0]
-    cdt = weight.dtype
-    h_all = hidden.to(cdt)
-    scale = (torch.where(valid, grad_out.float(), torch.zeros_like(lse)) * inv_t).contiguous()
+    compute_dtype = weight.dtype
+    h_all = hidden.to(compute_dtype)
+    scale = torch.where(valid, grad_out.float(), torch.zeros_like(lse)) * inv_temperature
+    scale = scale.contiguous()
     if chunk_rows is None:
         chunk_rows = max(64, (BWD_CHUNK_ELEMENTS // max(1, vocab)) // 64 * 64)
     chunk = max(1, min(rows, int(chunk_rows)))
-    plan = _plan(chunk, dim, cdt, hidden.device, overrides)
-    buf = torch.empty(chunk, vocab, dtype=cdt, device=hidden.device)
+    plan = _plan(chunk, dim, compute_dtype, hidden.device, overrides)
+    buf = torch.empty(chunk, vocab, dtype=compute_dtype, device=hidden.device)
     dh = torch.empty(rows, dim, dtype=hidden.dtype, device=hidden.device) if need_h else None
     dw32 = torch.zeros(vocab, dim, dtype=torch.float32, device=weight.device) if need_w else None
     db32 = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_b else None
@@ -447,10 +390,11 @@ def grad_from_lse(
         g = buf[: m1 - m0]
         _launch(
             "grad", plan, m1 - m0,
-            lambda meta: triton.cdiv(vocab, meta["BLOCK_V"]),
+            lambda meta: triton.cdiv(vocab, meta["BLOCK_VOCAB"]),
             h, weight, bias if bias is not None else h, targets[m0:m1], lse[m0:m1],
             scale[m0:m1], g, m1 - m0, vocab, dim,
-            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), g.stride(0), inv_t,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
+            inv_temperature,
             **const,
         )  # fmt: skip
         if need_h:
@@ -472,8 +416,8 @@ def fused_linear_logprob_triton(
     ignore_index: int = -100,
     temperature: float = 1.0,
     *,
-    block_v: int | None = None,
-    block_k: int | None = None,
+    block_vocab: int | None = None,
+    block_dim: int | None = None,
     splits: int | None = None,
     chunk_rows: int | None = None,
     return_lse: bool = False,
@@ -482,7 +426,7 @@ def fused_linear_logprob_triton(
 
     Args:
         hidden: ``[M, d]``; weight: ``[V, d]``; targets: ``[M]`` int64; bias: optional ``[V]``.
-        block_v, block_k, splits: override the tile sizes (powers of two >= 16) and the
+        block_vocab, block_dim, splits: override the tile sizes (powers of two >= 16) and the
             number of vocabulary splits of the forward (tests and tuning).
         chunk_rows: rows per chunk of the backward's ``[chunk, V]`` gradient buffer.
         return_lse: also return the per-row log-sum-exp of the (temperature-scaled) logits.
@@ -499,6 +443,6 @@ def fused_linear_logprob_triton(
         return (logp, empty) if return_lse else logp
     logp, lse = _TritonLinearLogprob.apply(
         hidden, weight, targets, bias, int(ignore_index), float(temperature),
-        dict(block_v=block_v, block_k=block_k, splits=splits, chunk_rows=chunk_rows),
+        dict(block_vocab=block_vocab, block_dim=block_dim, splits=splits, chunk_rows=chunk_rows),
     )  # fmt: skip
     return (logp, lse) if return_lse else logp

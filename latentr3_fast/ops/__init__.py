@@ -7,7 +7,7 @@ from __future__ import annotations
 from ._dispatch import select_backend, triton_available
 from .advantage import grpo_advantage
 from .expand import gaussian_expand, gaussian_expand_torch
-from .logprob import fused_linear_logprob, fused_linear_logprob_torch, naive_linear_logprob
+from .logprob import fused_linear_logprob, fused_linear_logprob_torch
 from .reward import mean_logprob, perplexity_reward_from_hidden, ppl_reward
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "gaussian_expand_torch",
     "grpo_advantage",
     "mean_logprob",
-    "naive_linear_logprob",
     "perplexity_reward_from_hidden",
     "ppl_reward",
     "select_backend",

@@ -1,4 +1,4 @@
-"""GRPO advantages (SPEC section 5.3): "batch" (reference), "group" and "none" modes."""
+"""GRPO advantages (paper Sec. 3.2.2, Eq. 7): "batch" (the paper's), "group" and "none" modes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""GRPO latent expansion: G rows per prompt, row 0 clean, rows 1..G-1 noised on step 0.
+"""GRPO latent expansion (paper Sec. 3.2.2, Eq. 5): G rows per prompt, row 0 clean (``r^0 = r``),
+rows 1..G-1 noised on latent step 0 (``r^k = r + eps``, ``eps ~ N(0, sigma^2)``).
 
 ``expanded[p*G + 0] = r[p]``; ``expanded[p*G + k, 0] = r[p, 0] + sigma * noise[p, k-1]``
 (k >= 1); later latent steps are copied unchanged (the GRPO trainer expands only r_1 and then

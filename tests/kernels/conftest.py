@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# The plain references are shared with tests/ops.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ops"))
+# The plain references (bench/reference_ops.py) are shared with tests/ops and the benchmarks.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 try:
     import triton  # noqa: F401

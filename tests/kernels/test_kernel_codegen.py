@@ -45,9 +45,9 @@ def test_every_case_compiles(rows):
 
 def test_every_reachable_config_is_covered(rows):
     from latentr3_fast.kernels import gaussian_expand as ge
-    from latentr3_fast.kernels import linear_logprob as ll
+    from latentr3_fast.kernels import logprob_configs as lc
 
-    for (arch, fam), configs in ll.reachable_configs().items():
+    for (arch, fam), configs in lc.reachable_configs().items():
         dtypes = {"fp32"} if fam == "fp32" else {"bf16", "fp16"}
         for kernel in ("fwd", "grad"):
             for cfg in configs:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_reference import make_problem, plain_logprob, plain_logprob_same_precision
+from reference_ops import make_problem, plain_logprob, plain_logprob_same_precision
 
 TOL32 = dict(atol=1e-5, rtol=1e-4)
 
@@ -48,7 +48,7 @@ def test_vocab_splits_and_k_loop(splits, device):
     as on the GPU, where the interpreter would otherwise use one split and one K block."""
     h, w, t, b = make_problem(19, 4099, 40, bias=True, seed=splits, device=device)
     h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
-    got = _triton()(h, w, t, b, temperature=0.9, block_v=512, block_k=16, splits=splits)
+    got = _triton()(h, w, t, b, temperature=0.9, block_vocab=512, block_dim=16, splits=splits)
     ref_in = [x.detach().double().requires_grad_() for x in (h, w, b)]
     ref = plain_logprob(*ref_in[:2], t, ref_in[2], temperature=0.9)
     torch.testing.assert_close(got, ref.float(), **TOL32)
@@ -161,7 +161,7 @@ def test_backward_is_deterministic(device):
 
     def grads():
         xs = [x.detach().clone().requires_grad_() for x in (h, w, b)]
-        out = _triton()(xs[0], xs[1], t, xs[2], splits=3, block_v=256, chunk_rows=8)
+        out = _triton()(xs[0], xs[1], t, xs[2], splits=3, block_vocab=256, chunk_rows=8)
         return torch.autograd.grad((out * go).sum(), xs)
 
     for a, c in zip(grads(), grads()):
@@ -184,14 +184,15 @@ def test_fp32_hidden_bf16_head_uses_head_dtype(device):
 def test_config_tables_and_dispatch_choice():
     """Configs: row buckets, one family per operand dtype, splits capped by the tile count."""
     from latentr3_fast.kernels import linear_logprob as ll
+    from latentr3_fast.kernels import logprob_configs as lc
 
-    assert [ll.row_bucket(r) for r in (1, 16, 17, 32, 33, 20000)] == [16, 16, 32, 32, 64, 64]
-    assert ll.family(torch.float32) == "fp32" and ll.family(torch.bfloat16) == "16bit"
-    assert ll.arch_class((9, 0)) == "sm90" and ll.arch_class((8, 0)) == "sm80"
-    assert ll.arch_class((8, 9)) == "sm80"
-    for (arch, fam), configs in ll.reachable_configs().items():
-        for bucket in ll.ROW_BUCKETS:
-            assert all(c.block_m == bucket for c in ll.CONFIGS[arch][fam][bucket])
+    assert [lc.row_bucket(r) for r in (1, 16, 17, 32, 33, 20000)] == [16, 16, 32, 32, 64, 64]
+    assert lc.family(torch.float32) == "fp32" and lc.family(torch.bfloat16) == "16bit"
+    assert lc.arch_class((9, 0)) == "sm90" and lc.arch_class((8, 0)) == "sm80"
+    assert lc.arch_class((8, 9)) == "sm80"
+    for (arch, fam), configs in lc.reachable_configs().items():
+        for bucket in lc.ROW_BUCKETS:
+            assert all(c.block_rows == bucket for c in lc.CONFIGS[arch][fam][bucket])
         for c in configs:  # powers of two, at least 16 (tl.dot's minimum)
             for size in c[:3]:
                 assert size >= 16 and size & (size - 1) == 0
@@ -205,7 +206,7 @@ def test_return_lse(device):
     h, w, t, b = make_problem(11, 1000, 24, bias=True, seed=6, device=device)
     t[3] = -100
     hq = h.clone().requires_grad_()
-    logp, lse = _triton()(hq, w, t, b, temperature=0.8, splits=3, block_v=128, return_lse=True)
+    logp, lse = _triton()(hq, w, t, b, temperature=0.8, splits=3, block_vocab=128, return_lse=True)
     logits = (h.double() @ w.double().T + b.double()) / 0.8
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=1).float(), **TOL32)
     assert not lse.requires_grad and logp.requires_grad
@@ -236,13 +237,14 @@ def test_autotuner_lists_exactly_the_table(monkeypatch):
     configs are exactly the checked table entries (so every tuned choice passed the codegen
     test); keyed on V and d. Building it needs no GPU; running it does."""
     from latentr3_fast.kernels import linear_logprob as ll
+    from latentr3_fast.kernels.logprob_configs import CONFIGS
 
     for arch, fam, bucket in [("sm80", "16bit", 64), ("sm90", "16bit", 16), ("sm90", "fp32", 32)]:
         tuner = ll._tuned("grad", arch, fam, bucket)
         assert ll._tuned("grad", arch, fam, bucket) is tuner  # built once
-        got = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_V"], c.kwargs["BLOCK_K"], c.num_warps,
+        got = [(c.kwargs["BLOCK_ROWS"], c.kwargs["BLOCK_VOCAB"], c.kwargs["BLOCK_DIM"], c.num_warps,
                 c.num_stages) for c in tuner.configs]  # fmt: skip
-        assert got == [tuple(c) for c in ll.CONFIGS[arch][fam][bucket]]
+        assert got == [tuple(c) for c in CONFIGS[arch][fam][bucket]]
         assert list(tuner.keys) == ["V", "D"]
     monkeypatch.setenv(ll.AUTOTUNE_ENV, "1")
     cpu = torch.device("cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_reference import make_problem, plain_logprob, plain_logprob_same_precision
+from reference_ops import make_problem, plain_logprob, plain_logprob_same_precision
 
 from latentr3_fast.errors import ConfigError, DataError
 from latentr3_fast.ops import fused_linear_logprob, fused_linear_logprob_torch, select_backend

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from ops_reference import plain_logprob
+from reference_ops import plain_logprob
 
 from latentr3_fast.errors import DataError
 from latentr3_fast.ops import mean_logprob, perplexity_reward_from_hidden, ppl_reward
