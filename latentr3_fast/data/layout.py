@@ -17,7 +17,8 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,19 +134,23 @@ _TRIVIAL_LIST = re.compile(rf"\[(?:{_NUM}(?:, ?{_NUM})*|{_STR}(?:, ?{_STR})*)?\]
 _PLAIN_STR_LIST = re.compile(r"\['[^'\\\n]*'(?:, '[^'\\\n]*')*\]\Z")
 
 
-def parse_str_list(s: str) -> Any:
-    """``ast.literal_eval(s)``, with a fast path for ``['a', 'b c']`` (no escapes)."""
-    if _PLAIN_STR_LIST.match(s):
-        return s[2:-2].split("', '")
-    return ast.literal_eval(s)
+def parse_str_list(text: str) -> Any:
+    """``ast.literal_eval(text)``, with a fast path for ``['a', 'b c']`` (no escapes)."""
+    if _PLAIN_STR_LIST.match(text):
+        return text[2:-2].split("', '")
+    return ast.literal_eval(text)
 
 
-def parse_int_list(s: str) -> Any:
-    """``ast.literal_eval(s)``, with a fast path for plain ``[1, 2, 3]``."""
-    if _INT_LIST.match(s):
-        body = s[1:-1]
+def parse_int_list(text: str) -> Any:
+    """``ast.literal_eval(text)``, with a fast path for plain ``[1, 2, 3]``."""
+    if _INT_LIST.match(text):
+        body = text[1:-1]
         return [int(x) for x in body.split(",")] if body.strip() else []
-    return ast.literal_eval(s)
+    return ast.literal_eval(text)
+
+
+# What ast.literal_eval (and the fast paths) raise on a malformed literal.
+_LITERAL_ERRORS = (ValueError, SyntaxError, MemoryError, RecursionError, TypeError)
 
 
 class _Literal:
@@ -154,106 +159,164 @@ class _Literal:
     def __init__(self) -> None:
         self.cache: dict[str, Any] = {}
 
-    def __call__(self, s: str) -> Any:
-        v = self.cache.get(s)
-        if v is None:
-            v = ast.literal_eval(s)
+    def __call__(self, text: str) -> Any:
+        value = self.cache.get(text)
+        if value is None:
+            value = ast.literal_eval(text)
             if len(self.cache) < 100_000:
-                self.cache[s] = v
-        return v
+                self.cache[text] = value
+        return value
+
+
+class _BadCell(Exception):
+    """A cell that fails a check; :func:`read_split` adds the file, row and line."""
+
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _ColumnIndex:
+    """Positions of the columns a Sample is built from, and of the checked-only list columns."""
+
+    history_ids: int
+    history_titles: int
+    target_id: int
+    target_title: int
+    user: int | None
+    checked: tuple[tuple[str, int], ...]
+    width: int
+
+
+def _column_index(path: Path, header: list[str]) -> _ColumnIndex:
+    """Finds the columns by name in the header row; DataError when a required one is missing."""
+    position = {name.strip(): k for k, name in enumerate(header)}
+    missing = [c for c in REQUIRED_COLUMNS if c not in position]
+    if missing:
+        raise DataError(f"{path}: row 0 (header): missing column(s) {', '.join(missing)}")
+    return _ColumnIndex(
+        history_ids=position["history_item_id"],
+        history_titles=position["history_item_title"],
+        target_id=position["item_id"],
+        target_title=position["item_title"],
+        user=position.get("user_id"),
+        checked=tuple((c, position[c]) for c in _CHECKED_LIST_COLUMNS if c in position),
+        width=len(header),
+    )
+
+
+def _typed_list(
+    cell: str, column: str, parse: Callable[[str], Any], element: type, plural: str
+) -> list | tuple:
+    """The list literal in ``cell``, every element of type ``element``."""
+    try:
+        values = parse(cell)
+    except _LITERAL_ERRORS:
+        raise _BadCell(column, f"malformed list literal {cell[:80]!r}") from None
+    if not isinstance(values, list | tuple) or not all(type(x) is element for x in values):
+        raise _BadCell(column, f"expected a list of {plural}, got {cell[:80]!r}")
+    return values
+
+
+def _check_item_id(item_id: int, column: str, num_items: int) -> None:
+    if not 0 <= item_id < num_items:
+        raise _BadCell(column, f"item id {item_id} not in the info file (ids 0..{num_items - 1})")
+
+
+def _history(row: list[str], columns: _ColumnIndex, num_items: int) -> tuple[list, list]:
+    """The row's history item ids and titles, checked against each other and the catalogue."""
+    history_ids = _typed_list(
+        row[columns.history_ids], "history_item_id", parse_int_list, int, "integers"
+    )
+    if not history_ids:
+        raise _BadCell("history_item_id", "empty history")
+    for item_id in history_ids:
+        _check_item_id(item_id, "history_item_id", num_items)
+    cell = row[columns.history_titles]
+    history_titles = _typed_list(cell, "history_item_title", parse_str_list, str, "strings")
+    if len(history_titles) != len(history_ids):
+        raise _BadCell(
+            "history_item_title", f"{len(history_titles)} titles for {len(history_ids)} history ids"
+        )
+    if "\\" in cell:  # only an escape ('\\ud800') can make a lone surrogate
+        for title in history_titles:
+            try:
+                title.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _BadCell(
+                    "history_item_title",
+                    f"title {title[:40]!r} is not valid text ({e.reason} at {e.start})",
+                ) from None
+    return history_ids, history_titles
+
+
+def _check_unused_lists(row: list[str], columns: _ColumnIndex, literal: _Literal) -> None:
+    """Present but unused list columns must still hold list literals (or be empty/None)."""
+    for column, k in columns.checked:
+        cell = row[k]
+        if cell and cell != "None" and not _TRIVIAL_LIST.match(cell):
+            try:
+                value = literal(cell)
+            except _LITERAL_ERRORS:
+                raise _BadCell(column, f"malformed list literal {cell[:80]!r}") from None
+            if not isinstance(value, list | tuple):
+                raise _BadCell(column, f"expected a list literal, got {cell[:80]!r}")
+
+
+def _parse_row(row: list[str], columns: _ColumnIndex, num_items: int, literal: _Literal) -> Sample:
+    """One data row as a Sample; checks run in column order history, target, unused lists."""
+    if len(row) != columns.width:
+        raise _BadCell("-", f"{len(row)} fields, header has {columns.width}")
+    history_ids, history_titles = _history(row, columns, num_items)
+    try:
+        target_id = int(row[columns.target_id])
+    except ValueError:
+        raise _BadCell("item_id", f"{row[columns.target_id]!r} is not an integer") from None
+    _check_item_id(target_id, "item_id", num_items)
+    _check_unused_lists(row, columns, literal)
+    user = row[columns.user] if columns.user is not None and row[columns.user] else None
+    return Sample(
+        tuple(history_ids), tuple(history_titles), target_id, row[columns.target_title], user
+    )
 
 
 def read_split(path: str | os.PathLike, num_items: int) -> list[Sample]:
     """Samples of one split CSV; raises DataError naming file, row and column on bad input."""
     path = Path(path)
-    text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     try:
         header = next(reader)
     except (StopIteration, csv.Error) as e:
         raise DataError(f"{path}: row 0 (header): cannot parse header ({e})") from None
-    col = {c.strip(): k for k, c in enumerate(header)}
-    missing = [c for c in REQUIRED_COLUMNS if c not in col]
-    if missing:
-        raise DataError(f"{path}: row 0 (header): missing column(s) {', '.join(missing)}")
-    i_hid, i_id = col["history_item_id"], col["item_id"]
-    i_ht, i_t = col["history_item_title"], col["item_title"]
-    i_user = col.get("user_id")
-    checked = [(c, col[c]) for c in _CHECKED_LIST_COLUMNS if c in col]
-    lit = _Literal()
-    width = len(header)
-    out: list[Sample] = []
-    row_no = 0
+    columns = _column_index(path, header)
+    literal = _Literal()
+    samples: list[Sample] = []
+    row_number = 0
     blank = 0
-    column = "?"
-
-    def fail(msg: str) -> DataError:
-        return DataError(f"{path}: row {row_no} (line {reader.line_num}), column {column}: {msg}")
-
     try:
         for row in reader:
-            row_no += 1
-            if len(row) != width:
-                if not row:  # csv yields [] for a blank line: skip it, counted in a warning
-                    blank += 1
-                    row_no -= 1
-                    continue
-                column = "-"
-                raise fail(f"{len(row)} fields, header has {width}")
-            column = "history_item_id"
+            if not row:  # csv yields [] for a blank line: skip it, counted in a warning
+                blank += 1
+                continue
+            row_number += 1
             try:
-                hid = parse_int_list(row[i_hid])
-            except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                raise fail(f"malformed list literal {row[i_hid][:80]!r}") from None
-            if not isinstance(hid, list | tuple) or not all(type(x) is int for x in hid):
-                raise fail(f"expected a list of integers, got {row[i_hid][:80]!r}")
-            if not hid:
-                raise fail("empty history")
-            for x in hid:
-                if not 0 <= x < num_items:
-                    raise fail(f"item id {x} not in the info file (ids 0..{num_items - 1})")
-            column = "history_item_title"
-            try:
-                ht = parse_str_list(row[i_ht])
-            except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                raise fail(f"malformed list literal {row[i_ht][:80]!r}") from None
-            if not isinstance(ht, list | tuple) or not all(type(x) is str for x in ht):
-                raise fail(f"expected a list of strings, got {row[i_ht][:80]!r}")
-            if len(ht) != len(hid):
-                raise fail(f"{len(ht)} titles for {len(hid)} history ids")
-            if "\\" in row[i_ht]:  # only an escape ('\\ud800') can make a lone surrogate
-                for t in ht:
-                    try:
-                        t.encode("utf-8")
-                    except UnicodeEncodeError as e:
-                        raise fail(
-                            f"title {t[:40]!r} is not valid text ({e.reason} at {e.start})"
-                        ) from None
-            column = "item_id"
-            try:
-                tid = int(row[i_id])
-            except ValueError:
-                raise fail(f"{row[i_id]!r} is not an integer") from None
-            if not 0 <= tid < num_items:
-                raise fail(f"item id {tid} not in the info file (ids 0..{num_items - 1})")
-            for name, k in checked:
-                column, s = name, row[k]
-                if s and s != "None" and not _TRIVIAL_LIST.match(s):
-                    try:
-                        v = lit(s)
-                    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                        raise fail(f"malformed list literal {s[:80]!r}") from None
-                    if not isinstance(v, list | tuple):
-                        raise fail(f"expected a list literal, got {s[:80]!r}")
-            user = row[i_user] if i_user is not None and row[i_user] else None
-            out.append(Sample(tuple(hid), tuple(ht), tid, row[i_t], user))
+                samples.append(_parse_row(row, columns, num_items, literal))
+            except _BadCell as bad:
+                raise DataError(
+                    f"{path}: row {row_number} (line {reader.line_num}), "
+                    f"column {bad.column}: {bad.message}"
+                ) from None
     except csv.Error as e:
-        raise DataError(f"{path}: row {row_no + 1} (line {reader.line_num}): CSV error: {e}") from e
+        raise DataError(
+            f"{path}: row {row_number + 1} (line {reader.line_num}): CSV error: {e}"
+        ) from e
     if blank:
         warnings.warn(f"{path}: skipped {blank} blank line(s)", stacklevel=2)
-    if not out:
+    if not samples:
         warnings.warn(f"{path}: no data rows (header only)", stacklevel=2)
-    return out
+    return samples
 
 
 def _dataset_name(root: Path, name: str | None) -> str:
