@@ -1,4 +1,5 @@
-"""Prompt and target construction (SPEC section 2).
+"""Prompt and target construction: the (x, y) prompt format of paper Sec. 3.1, with the
+reference (BIGRec/D³) prompt text.
 
 The prompt is two separately tokenized segments, concatenated (each encoded WITHOUT special
 tokens), exactly as the reference builds it, so the token boundaries match the reference:
@@ -53,7 +54,7 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 
 
 def format_history(titles: Sequence[str]) -> str:
-    """H of SPEC section 2: each title wrapped in ``"``, joined by ``", "``."""
+    """The history segment: each title wrapped in ``"``, joined by ``", "`` (the reference's)."""
     return ", ".join(f'"{t}"' for t in titles)
 
 

@@ -1,4 +1,4 @@
-"""SPEC section 1 steps 5-6, shared by the RecBole, raw-Amazon and synthetic builders:
+"""Samples and split of paper App. A, shared by the RecBole, raw-Amazon and synthetic builders:
 per-user sequences -> samples (history <= 10 previous items) -> global temporal 80/10/10 split."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from .records import Sample
 __all__ = ["MAX_HISTORY", "sequences_to_samples", "temporal_split"]
 
 MAX_HISTORY = 10
-T = TypeVar("T")
+Row = TypeVar("Row")  # a Sample, or a raw CSV row dict (raw-Amazon builder)
 
 
 def sequences_to_samples(
@@ -27,29 +27,26 @@ def sequences_to_samples(
     """
     out: list[tuple[float, Sample]] = []
     for user in sorted(sequences):
-        seq = sorted(sequences[user], key=lambda x: x[0])
-        ids = [i for _, i in seq]
-        for pos in range(1, len(seq)):
-            hist = tuple(ids[max(0, pos - max_history) : pos])
-            out.append(
-                (
-                    seq[pos][0],
-                    Sample(
-                        history_ids=hist,
-                        history_titles=tuple(titles[i] for i in hist),
-                        target_id=ids[pos],
-                        target_title=titles[ids[pos]],
-                        user_id=str(user),
-                    ),
-                )
+        events = sorted(sequences[user], key=lambda event: event[0])
+        ids = [item_id for _, item_id in events]
+        for position in range(1, len(events)):
+            history = tuple(ids[max(0, position - max_history) : position])
+            sample = Sample(
+                history_ids=history,
+                history_titles=tuple(titles[i] for i in history),
+                target_id=ids[position],
+                target_title=titles[ids[position]],
+                user_id=str(user),
             )
+            out.append((events[position][0], sample))
     return out
 
 
-def temporal_split(timed: Sequence[tuple[float, T]]) -> tuple[list[T], list[T], list[T]]:
+def temporal_split(
+    timed: Sequence[tuple[float, Row]],
+) -> tuple[list[Row], list[Row], list[Row]]:
     """Stable sort by target timestamp, then split at ``int(0.8 n)`` and ``int(0.9 n)``."""
     order = sorted(range(len(timed)), key=lambda k: timed[k][0])
     ordered = [timed[k][1] for k in order]
-    n = len(ordered)
-    a, b = int(0.8 * n), int(0.9 * n)
-    return ordered[:a], ordered[a:b], ordered[b:]
+    train_end, valid_end = int(0.8 * len(ordered)), int(0.9 * len(ordered))
+    return ordered[:train_end], ordered[train_end:valid_end], ordered[valid_end:]

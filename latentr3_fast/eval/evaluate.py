@@ -10,7 +10,8 @@ metrics (paper Sec. 4.3.1), the out-of-catalogue count and one prediction record
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,32 @@ def _result(
     return EvalResult(metrics=metrics, predictions=rows)
 
 
+@contextmanager
+def _eval_mode(reasoner: Any) -> Iterator[None]:
+    """Eval mode for the block; the previous train/eval mode is restored after it."""
+    was_training = reasoner.training
+    reasoner.eval()
+    try:
+        yield
+    finally:
+        reasoner.train(was_training)
+
+
+@contextmanager
+def _progress_bar(show: bool, total: int, label: str) -> Iterator[Any]:
+    """A tqdm bar over ``total`` rows (None when ``show`` is false), closed after the block."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=label, leave=False)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def evaluate_scorings(
     reasoner: Any,
     dataset: Any,
@@ -292,15 +319,8 @@ def evaluate_scorings(
         max_new_tokens=max_new_tokens,
         stop_rule=stop_rule,
     )
-    was_training = reasoner.training
-    reasoner.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        label = f"eval {desc} {split} ({rank})" if desc else f"eval {split} ({rank})"
-        bar = tqdm(total=len(samples), desc=label, leave=False)
-    try:
+    label = f"eval {desc} {split} ({rank})" if desc else f"eval {split} ({rank})"
+    with _eval_mode(reasoner), _progress_bar(progress, len(samples), label) as bar:
         predictions = _predict(
             reasoner,
             dataset,
@@ -312,10 +332,6 @@ def evaluate_scorings(
             exclude_seen,
             bar,
         )
-    finally:
-        if bar is not None:
-            bar.close()
-        reasoner.train(was_training)
 
     is_popular = popularity_groups(dataset.popularity, top_fraction)
     titles = list(dataset.items.titles)

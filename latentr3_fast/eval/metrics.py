@@ -1,4 +1,5 @@
-"""Top-K metrics as in SPEC section 6 (pure functions over ranks and titles).
+"""Top-K metrics HR@K and NDCG@K (paper Sec. 4.1) and popularity groups (paper Sec. 4.3.1,
+App. D), as the reference evaluation computes them (pure functions over ranks and titles).
 
 * A prediction hits if its title equals the target's after :func:`normalize_title` (the
   reference's rule, the one title-matching rule of the package); the rank is the 0-based
