@@ -17,7 +17,7 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,34 +87,32 @@ def read_info(path: str | os.PathLike) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()
     titles: list[str | None] = [None] * len(lines)
-    for ln, line in enumerate(lines, 1):
-        line = line.rstrip("\r")
-        title, sep, sid = line.rpartition("\t")
-        if not sep:
-            raise DataError(f"{path}: line {ln}, column item_id: expected 'title<TAB>item_id'")
+    for line_number, line in enumerate(lines, 1):
+        where = f"{path}: line {line_number}, column item_id"
+        title, tab, id_text = line.rstrip("\r").rpartition("\t")
+        if not tab:
+            raise DataError(f"{where}: expected 'title<TAB>item_id'")
         try:
-            i = int(sid)
+            item_id = int(id_text)
         except ValueError:
+            raise DataError(f"{where}: {id_text!r} is not an integer") from None
+        if not 0 <= item_id < len(lines):
             raise DataError(
-                f"{path}: line {ln}, column item_id: {sid!r} is not an integer"
-            ) from None
-        if not 0 <= i < len(lines):
-            raise DataError(
-                f"{path}: line {ln}, column item_id: id {i} outside 0..{len(lines) - 1} "
+                f"{where}: id {item_id} outside 0..{len(lines) - 1} "
                 f"(ids must be 0..n-1, one line each)"
             )
-        if titles[i] is not None:
-            raise DataError(f"{path}: line {ln}, column item_id: duplicate id {i}")
-        titles[i] = title
+        if titles[item_id] is not None:
+            raise DataError(f"{where}: duplicate id {item_id}")
+        titles[item_id] = title
     return titles  # type: ignore[return-value]  # every slot filled: n distinct ids in 0..n-1
 
 
 def find_split_file(root: Path, split: str, name: str) -> Path:
     """``root/split/name.csv`` or ``.csv.gz``; DataError naming both when neither exists."""
-    for ext in (".csv", ".csv.gz"):
-        p = root / split / f"{name}{ext}"
-        if p.is_file():
-            return p
+    for extension in (".csv", ".csv.gz"):
+        path = root / split / f"{name}{extension}"
+        if path.is_file():
+            return path
     raise DataError(f"{root / split / name}.csv[.gz]: missing {split} split file")
 
 
@@ -383,24 +381,25 @@ def load_dataset(
     if spec.startswith("recbole:"):
         from .recbole import load_recbole
 
-        p = Path(spec[len("recbole:") :])
-        return load_recbole(p.parent, p.name, category=category)
+        stem = Path(spec[len("recbole:") :])
+        return load_recbole(stem.parent, stem.name, category=category)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from .synthetic import make_synthetic
 
         seed = spec.partition(":")[2]
         try:
-            ds = make_synthetic(seed=int(seed) if seed else 0)
+            dataset = make_synthetic(seed=int(seed) if seed else 0)
         except ValueError:
             raise DataError(f"{spec!r}: expected 'synthetic' or 'synthetic:<int seed>'") from None
         if category:
-            ds.category = category
-        return ds
+            dataset.category = category
+        return dataset
     return load_standard(spec, category=category, name=name)
 
 
-def _fmt_list(values: Iterable[Any]) -> str:
-    return repr(list(values))
+def _cell(value: Any) -> Any:
+    """A CSV cell: lists and tuples as Python list literals (``repr``), as the reference does."""
+    return repr(list(value)) if isinstance(value, list | tuple) else value
 
 
 def write_standard(
@@ -410,24 +409,22 @@ def write_standard(
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
 ) -> Path:
     """Write the standard layout. ``splits[split]`` rows are dicts with the keys of COLUMNS;
-    list values are written as Python literals (``repr``), as the reference does."""
+    list values are written as Python list literals (``repr``), as the reference does."""
     root = Path(root)
-    for t in titles:
-        if "\t" in t or "\n" in t or "\r" in t:
+    for title in titles:
+        if "\t" in title or "\n" in title or "\r" in title:
             raise DataError(
-                f"title {t!r} contains a tab or newline; info/{name}.txt cannot hold it"
+                f"title {title!r} contains a tab or newline; info/{name}.txt cannot hold it"
             )
     (root / "info").mkdir(parents=True, exist_ok=True)
     with open(root / "info" / f"{name}.txt", "w", encoding="utf-8", newline="\n") as f:
-        for i, t in enumerate(titles):
-            f.write(f"{t}\t{i}\n")
+        for item_id, title in enumerate(titles):
+            f.write(f"{title}\t{item_id}\n")
     for split in SPLITS:
         (root / split).mkdir(parents=True, exist_ok=True)
         with open(root / split / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(COLUMNS)
-            for r in splits.get(split, ()):
-                w.writerow(
-                    [_fmt_list(r[c]) if isinstance(r[c], list | tuple) else r[c] for c in COLUMNS]
-                )
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(COLUMNS)
+            for row in splits.get(split, ()):
+                writer.writerow([_cell(row[column]) for column in COLUMNS])
     return root
