@@ -22,9 +22,6 @@ Python-literal lines are accepted too).
 from __future__ import annotations
 
 import argparse
-import ast
-import gzip
-import json
 import logging
 import os
 import random
@@ -32,61 +29,19 @@ import re
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .files import json_records
 from .layout import write_standard
 from .samples import MAX_HISTORY, temporal_split
 
 __all__ = ["clean_title", "preprocess_amazon", "PreprocessReport", "main"]
 
 log = logging.getLogger(__name__)
-
-
-# ---- input ---------------------------------------------------------------------------------
-def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a gzip or plain UTF-8 text file; bad bytes name the line."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with open(path, "rb") as probe:
-        magic = probe.read(2)
-    opener = gzip.open if magic == b"\x1f\x8b" else open
-    try:
-        with opener(path, "rb") as f:  # type: ignore[operator]
-            for line_number, raw in enumerate(f, 1):
-                try:
-                    yield line_number, raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}: line {line_number}, byte column {e.start + 1}: invalid UTF-8 byte"
-                    ) from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from e
-
-
-def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) of every non-blank line of a JSON-lines file."""
-    empty = True
-    for line_number, line in _open_lines(path):
-        if not line.strip():
-            continue
-        empty = False
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            try:  # the 2014 dumps are Python literals, one per line
-                record = ast.literal_eval(line)
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                raise DataError(f"{path}: line {line_number}: not a JSON object") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {line_number}: not a JSON object")
-        yield line_number, record
-    if empty:
-        raise DataError(f"{path}: empty file")
 
 
 def clean_title(title: Any) -> str | None:
@@ -150,7 +105,7 @@ def _read_titles(meta: Path) -> dict[str, str]:
     """Step 2: asin -> cleaned title, for the meta records whose title survives ``clean_title``."""
     titles: dict[str, str] = {}
     dropped_titles = 0
-    for line_number, record in _records(meta):
+    for line_number, record in json_records(meta):
         if "asin" not in record:
             raise DataError(f"{meta}: line {line_number}, column asin: missing")
         title = clean_title(record.get("title"))
@@ -166,7 +121,7 @@ def _read_titles(meta: Path) -> dict[str, str]:
 def _read_reviews(reviews: Path, titles: dict[str, str]) -> list[Review]:
     """Every review as ``(user, asin, unix time, rating)``; warns about untitled items."""
     all_reviews: list[Review] = []
-    for line_number, record in _records(reviews):
+    for line_number, record in json_records(reviews):
         for column in ("reviewerID", "asin", "unixReviewTime"):
             if column not in record:
                 raise DataError(f"{reviews}: line {line_number}, column {column}: missing")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import gzip
 import io
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .files import read_text
 from .records import ItemCatalog, RecDataset, Sample, category_from_name
 
 __all__ = [
@@ -57,32 +57,10 @@ REQUIRED_COLUMNS = ("history_item_id", "item_id", "history_item_title", "item_ti
 _CHECKED_LIST_COLUMNS = ("item_asins", "history_rating", "history_timestamp")
 
 
-def _read_text(path: Path) -> str:
-    """The file's text, UTF-8 (gzip if ``.gz``); errors name the line of a bad byte."""
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from e
-    if not raw.strip():
-        raise DataError(f"{path}: empty file (row 0, no header or data)")
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")  # tolerate a UTF-8 BOM
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(
-            f"{path}: line {line}, byte column {col}: invalid UTF-8 byte 0x{raw[e.start]:02x}"
-        ) from None
-
-
 def read_info(path: str | os.PathLike) -> list[str]:
     """Titles by id from ``info/NAME.txt`` (``title<TAB>id`` lines; ids must be 0..n-1)."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -283,7 +261,7 @@ def _parse_row(row: list[str], columns: _ColumnIndex, num_items: int, literal: _
 def read_split(path: str | os.PathLike, num_items: int) -> list[Sample]:
     """Samples of one split CSV; raises DataError naming file, row and column on bad input."""
     path = Path(path)
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
         header = next(reader)
     except (StopIteration, csv.Error) as e:

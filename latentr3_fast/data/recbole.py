@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import DataError
-from .layout import _read_text
+from .files import read_text
 from .records import ItemCatalog, RecDataset
 from .samples import sequences_to_samples, temporal_split
 
@@ -49,7 +49,7 @@ def _title_field(path: Path, fields: dict[str, int]) -> str:
 
 def _read_items(item_path: Path) -> dict[str, str]:
     """Item token -> title (whitespace collapsed), in file order; untitled items are skipped."""
-    lines = _read_text(item_path).split("\n")
+    lines = read_text(item_path).split("\n")
     fields = _fields(item_path, lines[0])
     if "item_id" not in fields:
         raise DataError(f"{item_path}: line 1 (header): missing column item_id")
@@ -100,7 +100,7 @@ def _read_interactions(
     inter_path: Path, title_of: dict[str, str], item_file: str
 ) -> dict[str, list[tuple[float, str]]]:
     """User token -> ``(timestamp, item token)`` in file order, for the items with a title."""
-    lines = _read_text(inter_path).split("\n")
+    lines = read_text(inter_path).split("\n")
     fields = _fields(inter_path, lines[0])
     for column in ("user_id", "item_id", "timestamp"):
         if column not in fields:

@@ -185,19 +185,18 @@ def _predict(
     encoded = prompt_builder.encode_many(samples)
     # group by prompt length: less padding, identical results (positions ignore padding)
     order = np.argsort([len(e.prompt_ids) for e in encoded], kind="stable")
-    titles = list(dataset.items.titles)
     predictions: list[list[dict[str, Any] | None]] = [[None] * len(samples) for _ in penalties]
     title_index = None
     if search.rank == "ground":  # BIGRec: free generation grounded by title embeddings
         from latentr3_fast.decode.grounding import TitleIndex
 
-        title_index = TitleIndex(reasoner, titles)
+        title_index = TitleIndex(reasoner, list(dataset.items.titles))
     for first in range(0, len(order), batch_size):
         rows = order[first : first + batch_size].tolist()
         batch = [encoded[i] for i in rows]
         results = _rank_batch(reasoner, batch, trie, title_index, penalties, search)
         for records, result in zip(predictions, results):
-            _record_rows(records, result, rows, samples, titles, exclude_seen, dataset.items)
+            _record_rows(records, result, rows, samples, dataset.items, exclude_seen)
         if bar is not None:
             bar.update(len(rows))
     return predictions
@@ -356,9 +355,8 @@ def _record_rows(
     result: Any,
     rows: list[int],
     samples: list[Any],
-    titles: list[str],
+    items: Any,
     exclude_seen: bool = False,
-    items: Any = None,
 ) -> None:
     """Fills ``predictions[i]`` for the rows ``rows`` of ``samples`` from one ranked batch.
 
@@ -366,6 +364,7 @@ def _record_rows(
     items with that title (empty: no item); ``result.scores`` is ``[B, num_hypotheses]``.
     """
     scores = result.scores.float().cpu().tolist()
+    titles = items.titles
     tokens = getattr(items, "tokens", None)
     for position, i in enumerate(rows):
         sample = samples[i]
