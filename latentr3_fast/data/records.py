@@ -101,6 +101,7 @@ class RecDataset:
 
     @property
     def num_items(self) -> int:
+        """Size of the item catalogue."""
         return len(self.items)
 
     @property

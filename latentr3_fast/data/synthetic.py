@@ -160,6 +160,7 @@ def _user_items(
     all_entries = [e for entries in catalogue.entries_by_genre for e in entries]
 
     def pick(candidates: list[int], seen: set[int]) -> int | None:
+        """An unseen candidate drawn by popularity weight (None when all are seen)."""
         unseen = [c for c in candidates if c not in seen]
         if not unseen:
             return None

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .metrics import (
     out_of_catalogue_count,
     popularity_groups,
 )
+
+if TYPE_CHECKING:
+    from latentr3_fast.data import ItemCatalog, PromptBuilder, RecDataset, Sample
 
 __all__ = ["EvalResult", "evaluate", "evaluate_scorings"]
 
@@ -56,7 +59,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(
     reasoner: Any,
-    dataset: Any,
+    dataset: RecDataset,
     split: str = "test",
     num_beams: int = 10,
     length_penalty: float = 0.0,
@@ -169,9 +172,9 @@ def _rank_batch(
 
 def _predict(
     reasoner: Any,
-    dataset: Any,
-    samples: list[Any],
-    prompt_builder: Any,
+    dataset: RecDataset,
+    samples: list[Sample],
+    prompt_builder: PromptBuilder,
     penalties: list[float],
     search: _Search,
     batch_size: int,
@@ -257,7 +260,7 @@ def _progress_bar(show: bool, total: int, label: str) -> Iterator[Any]:
 
 def evaluate_scorings(
     reasoner: Any,
-    dataset: Any,
+    dataset: RecDataset,
     length_penalties: Sequence[float],
     split: str = "test",
     num_beams: int = 10,
@@ -267,7 +270,7 @@ def evaluate_scorings(
     *,
     ks: tuple[int, ...] = DEFAULT_KS,
     top_fraction: float = 0.2,
-    prompt_builder: Any = None,
+    prompt_builder: PromptBuilder | None = None,
     backend: str = "auto",
     max_new_tokens: int = 128,
     predictions_paths: Sequence[str | Path] | None = None,
@@ -354,8 +357,8 @@ def _record_rows(
     predictions: list[dict[str, Any] | None],
     result: Any,
     rows: list[int],
-    samples: list[Any],
-    items: Any,
+    samples: list[Sample],
+    items: ItemCatalog,
     exclude_seen: bool = False,
 ) -> None:
     """Fills ``predictions[i]`` for the rows ``rows`` of ``samples`` from one ranked batch.
