@@ -107,7 +107,7 @@ def evaluate(
 
 @dataclass(frozen=True)
 class _Search:
-    """How each batch is ranked (the settings :func:`evaluate_scorings` passes down)."""
+    """How rows are batched and ranked (the settings :func:`evaluate_scorings` passes down)."""
 
     rank: str
     num_beams: int
@@ -115,6 +115,8 @@ class _Search:
     backend: str
     max_new_tokens: int
     stop_rule: str
+    batch_size: int
+    exclude_seen: bool
 
 
 def _check_options(
@@ -177,8 +179,6 @@ def _predict(
     prompt_builder: PromptBuilder,
     penalties: list[float],
     search: _Search,
-    batch_size: int,
-    exclude_seen: bool,
     bar: Any,
 ) -> list[list[dict[str, Any] | None]]:
     """Prediction records per length penalty, one per row of ``samples`` (in row order)."""
@@ -194,12 +194,12 @@ def _predict(
         from latentr3_fast.decode.grounding import TitleIndex
 
         title_index = TitleIndex(reasoner, list(dataset.items.titles))
-    for first in range(0, len(order), batch_size):
-        rows = order[first : first + batch_size].tolist()
+    for first in range(0, len(order), search.batch_size):
+        rows = order[first : first + search.batch_size].tolist()
         batch = [encoded[i] for i in rows]
         results = _rank_batch(reasoner, batch, trie, title_index, penalties, search)
         for records, result in zip(predictions, results):
-            _record_rows(records, result, rows, samples, dataset.items, exclude_seen)
+            _record_rows(records, result, rows, samples, dataset.items, search.exclude_seen)
         if bar is not None:
             bar.update(len(rows))
     return predictions
@@ -320,32 +320,19 @@ def evaluate_scorings(
         backend=backend,
         max_new_tokens=max_new_tokens,
         stop_rule=stop_rule,
+        batch_size=batch_size,
+        exclude_seen=exclude_seen,
     )
     label = f"eval {desc} {split} ({rank})" if desc else f"eval {split} ({rank})"
     with _eval_mode(reasoner), _progress_bar(progress, len(samples), label) as bar:
-        predictions = _predict(
-            reasoner,
-            dataset,
-            samples,
-            prompt_builder,
-            penalties,
-            search,
-            batch_size,
-            exclude_seen,
-            bar,
-        )
+        predictions = _predict(reasoner, dataset, samples, prompt_builder, penalties, search, bar)
 
     is_popular = popularity_groups(dataset.popularity, top_fraction)
     titles = list(dataset.items.titles)
+    reported = {"split": split, "rank": rank, "num_beams": num_beams if rank == "beam" else None}
     results = []
     for j, penalty in enumerate(penalties):
-        settings = {
-            "split": split,
-            "rank": rank,
-            "num_beams": num_beams if rank == "beam" else None,
-            "length_penalty": penalty,
-            "top_fraction": top_fraction,
-        }
+        settings = {**reported, "length_penalty": penalty, "top_fraction": top_fraction}
         result = _result(predictions[j], is_popular, titles, search, ks, settings)
         if predictions_paths is not None:
             result.to_jsonl(predictions_paths[j])
