@@ -62,7 +62,7 @@ def test_shared_datasets(shared_data, folder, name, counts, items, category):
         # CPU time: wall time on the shared 2-core machine depends on the other jobs' load.
         assert cpu < 10.0
         assert ds.category_word == "musics"
-        assert len(ds.items.ids_by_title) == 5377  # SPEC: 5377 distinct titles
+        assert len(ds.items.ids_by_title) == 5377  # the reference data's 5377 distinct titles
         assert len(ds.items.ids("Greatest Hits")) == 54
         s = ds.train[1]  # second data row of the rebuilt train file, checked by eye
         assert s.history_ids == (2956,) and s.history_titles == ("Doris Day's Greatest Hits",)
