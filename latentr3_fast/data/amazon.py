@@ -37,7 +37,7 @@ from typing import Any
 from ..errors import DataError
 from .files import json_records
 from .layout import write_standard
-from .samples import MAX_HISTORY, temporal_split
+from .samples import temporal_split, user_windows
 
 __all__ = ["clean_title", "preprocess_amazon", "PreprocessReport", "main"]
 
@@ -195,25 +195,21 @@ def _timed_rows(
     for review in core:
         by_user.setdefault(review[0], []).append(review)
     timed: list[tuple[float, dict[str, Any]]] = []
-    for user in sorted(by_user):
-        sequence = sorted(by_user[user], key=lambda review: review[2])
-        for position in range(1, len(sequence)):
-            history = sequence[max(0, position - MAX_HISTORY) : position]
-            target = sequence[position]
-            row = {
-                "user_id": user,
-                "item_asins": [h[1] for h in history],
-                "item_asin": target[1],
-                "history_item_id": [item_id[h[1]] for h in history],
-                "item_id": item_id[target[1]],
-                "history_item_title": [item_titles[item_id[h[1]]] for h in history],
-                "item_title": item_titles[item_id[target[1]]],
-                "history_rating": [h[3] for h in history],
-                "rating": target[3],
-                "history_timestamp": [h[2] for h in history],
-                "timestamp": target[2],
-            }
-            timed.append((target[2], row))
+    for user, history, target in user_windows(by_user, lambda review: review[2]):
+        row = {
+            "user_id": user,
+            "item_asins": [h[1] for h in history],
+            "item_asin": target[1],
+            "history_item_id": [item_id[h[1]] for h in history],
+            "item_id": item_id[target[1]],
+            "history_item_title": [item_titles[item_id[h[1]]] for h in history],
+            "item_title": item_titles[item_id[target[1]]],
+            "history_rating": [h[3] for h in history],
+            "rating": target[3],
+            "history_timestamp": [h[2] for h in history],
+            "timestamp": target[2],
+        }
+        timed.append((target[2], row))
     return timed, len(by_user)
 
 

@@ -3,15 +3,34 @@ per-user sequences -> samples (history <= 10 previous items) -> global temporal 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from .records import Sample
 
-__all__ = ["MAX_HISTORY", "sequences_to_samples", "temporal_split"]
+__all__ = ["MAX_HISTORY", "sequences_to_samples", "temporal_split", "user_windows"]
 
 MAX_HISTORY = 10
 Row = TypeVar("Row")  # a Sample, or a raw CSV row dict (raw-Amazon builder)
+Event = TypeVar("Event")  # one interaction of a user, e.g. (timestamp, item id)
+
+
+def user_windows(
+    sequences: Mapping[str, Sequence[Event]],
+    time: Callable[[Event], float],
+    max_history: int = MAX_HISTORY,
+) -> Iterator[tuple[str, list[Event], Event]]:
+    """``(user, history, target)`` for every position i >= 1 of every user's sequence; the
+    history is the previous <= ``max_history`` events, oldest first.
+
+    Each sequence is sorted by ``time`` with a stable sort (ties keep their input order).
+    Users are visited in sorted id order (as a pandas ``groupby`` does), which fixes the order
+    of equal-timestamp samples.
+    """
+    for user in sorted(sequences):
+        events = sorted(sequences[user], key=time)
+        for position in range(1, len(events)):
+            yield user, events[max(0, position - max_history) : position], events[position]
 
 
 def sequences_to_samples(
@@ -21,24 +40,22 @@ def sequences_to_samples(
 ) -> list[tuple[float, Sample]]:
     """(target timestamp, sample) for every position i >= 1 of every user's sequence.
 
-    ``sequences[user]`` is a list of ``(timestamp, item_id)``; it is sorted by time here with a
-    stable sort (ties keep their input order). Users are visited in sorted id order (as a
-    pandas ``groupby`` does), which fixes the order of equal-timestamp samples.
+    ``sequences[user]`` is a list of ``(timestamp, item_id)``, in any order (see
+    :func:`user_windows`).
     """
     out: list[tuple[float, Sample]] = []
-    for user in sorted(sequences):
-        events = sorted(sequences[user], key=lambda event: event[0])
-        ids = [item_id for _, item_id in events]
-        for position in range(1, len(events)):
-            history = tuple(ids[max(0, position - max_history) : position])
-            sample = Sample(
-                history_ids=history,
-                history_titles=tuple(titles[i] for i in history),
-                target_id=ids[position],
-                target_title=titles[ids[position]],
-                user_id=str(user),
-            )
-            out.append((events[position][0], sample))
+    for user, history, (timestamp, target_id) in user_windows(
+        sequences, lambda event: event[0], max_history
+    ):
+        history_ids = tuple(item_id for _, item_id in history)
+        sample = Sample(
+            history_ids=history_ids,
+            history_titles=tuple(titles[i] for i in history_ids),
+            target_id=target_id,
+            target_title=titles[target_id],
+            user_id=str(user),
+        )
+        out.append((timestamp, sample))
     return out
 
 
