@@ -32,7 +32,7 @@ from .metrics import (
 if TYPE_CHECKING:
     from latentr3_fast.data import ItemCatalog, PromptBuilder, RecDataset, Sample
 
-__all__ = ["EvalResult", "evaluate", "evaluate_scorings"]
+__all__ = ["EvalResult", "eval_mode", "evaluate", "evaluate_scorings"]
 
 
 @dataclass
@@ -233,14 +233,15 @@ def _result(
 
 
 @contextmanager
-def _eval_mode(reasoner: Any) -> Iterator[None]:
-    """Eval mode for the block; the previous train/eval mode is restored after it."""
-    was_training = reasoner.training
-    reasoner.eval()
+def eval_mode(model: Any) -> Iterator[None]:
+    """``model.eval()`` for the block; the previous train/eval mode is restored after it
+    (also used by the swap test)."""
+    was_training = model.training
+    model.eval()
     try:
         yield
     finally:
-        reasoner.train(was_training)
+        model.train(was_training)
 
 
 @contextmanager
@@ -324,7 +325,7 @@ def evaluate_scorings(
         exclude_seen=exclude_seen,
     )
     label = f"eval {desc} {split} ({rank})" if desc else f"eval {split} ({rank})"
-    with _eval_mode(reasoner), _progress_bar(progress, len(samples), label) as bar:
+    with eval_mode(reasoner), _progress_bar(progress, len(samples), label) as bar:
         predictions = _predict(reasoner, dataset, samples, prompt_builder, penalties, search, bar)
 
     is_popular = popularity_groups(dataset.popularity, top_fraction)

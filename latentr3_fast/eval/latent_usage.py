@@ -20,7 +20,7 @@ import torch
 
 from ..data.collate import Batch, EncodedSample, collate
 from ..errors import ConfigError
-from .evaluate import _eval_mode
+from .evaluate import eval_mode
 
 __all__ = ["LatentUsage", "latent_usage"]
 
@@ -92,7 +92,7 @@ def latent_usage(model: Any, samples: Sequence[EncodedSample], batch_size: int =
         logprobs = model.target_logprobs(hidden, batch.target_ids, batch.target_mask)
         return -logprobs.sum().item()
 
-    with _eval_mode(model):
+    with eval_mode(model):
         # pass 1: every row's latents, and the NLL with them (on the same prompt cache)
         own: list[torch.Tensor] = []
         nll, tokens = 0.0, 0
