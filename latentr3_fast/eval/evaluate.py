@@ -30,7 +30,7 @@ from .metrics import (
 )
 
 if TYPE_CHECKING:
-    from latentr3_fast.data import ItemCatalog, PromptBuilder, RecDataset, Sample
+    from latentr3_fast.data import EncodedSample, ItemCatalog, PromptBuilder, RecDataset, Sample
 
 __all__ = ["EvalResult", "eval_mode", "evaluate", "evaluate_scorings"]
 
@@ -143,7 +143,7 @@ def _check_options(
 
 def _rank_batch(
     reasoner: Any,
-    batch: list[Any],
+    batch: list[EncodedSample],
     trie: Any,
     title_index: Any,
     penalties: list[float],
