@@ -1,20 +1,16 @@
 """Data layer: loaders (standard CSV layout, RecBole atomic files, raw Amazon-2018 dumps, the
 built-in synthetic catalogue), prompt building, a tiny BPE tokenizer and collation."""
 
+from . import records
 from .collate import Batch, EncodedSample, batch_indices, collate, iterate_batches
 from .layout import load_dataset, read_info, read_split, write_standard
 from .prompts import IGNORE_INDEX, TEMPLATES, THOUGHT_TOKEN, PromptBuilder
 from .recbole import load_recbole
-from .records import ItemCatalog, RecDataset, Sample, category_from_name, category_word
+from .records import *  # noqa: F403  (the record types: records.__all__)
 from .synthetic import make_synthetic
 from .tokenizer import EOS_TOKEN, dataset_corpus, train_tokenizer
 
 __all__ = [
-    "Sample",
-    "ItemCatalog",
-    "RecDataset",
-    "category_word",
-    "category_from_name",
     "load_dataset",
     "read_info",
     "read_split",
@@ -34,3 +30,4 @@ __all__ = [
     "dataset_corpus",
     "EOS_TOKEN",
 ]
+__all__ += records.__all__

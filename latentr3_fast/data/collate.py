@@ -26,10 +26,10 @@ class EncodedSample:
 class Batch:
     """A collated batch (all LongTensors).
 
-    prompt_ids:  [B, Lp] LEFT-padded with pad_id
-    prompt_mask: [B, Lp] 1 = real token
-    target_ids:  [B, Lt] RIGHT-padded with pad_id
-    target_mask: [B, Lt] 1 = real token
+    prompt_ids:  [batch, prompt_len] LEFT-padded with pad_id
+    prompt_mask: [batch, prompt_len] 1 = real token
+    target_ids:  [batch, target_len] RIGHT-padded with pad_id
+    target_mask: [batch, target_len] 1 = real token
     """
 
     prompt_ids: torch.Tensor
@@ -41,12 +41,13 @@ class Batch:
         """The same batch on ``device``."""
         return Batch(
             *(
-                t.to(device, non_blocking=non_blocking)
-                for t in (self.prompt_ids, self.prompt_mask, self.target_ids, self.target_mask)
+                tensor.to(device, non_blocking=non_blocking)
+                for tensor in (self.prompt_ids, self.prompt_mask, self.target_ids, self.target_mask)
             )
         )
 
     def pin_memory(self) -> Batch:
+        """The same batch in page-locked host memory (for non-blocking copies)."""
         return Batch(
             self.prompt_ids.pin_memory(),
             self.prompt_mask.pin_memory(),
@@ -61,30 +62,31 @@ class Batch:
 def collate(items: Sequence[EncodedSample], pad_id: int) -> Batch:
     """Stack encoded samples: prompts left-padded, targets right-padded, both to the batch max.
 
-    Returns a :class:`Batch` with prompt tensors ``[B, max len(prompt)]`` and target tensors
-    ``[B, max len(target)]``.
+    Returns a :class:`Batch` with prompt tensors ``[batch, max len(prompt)]`` and target
+    tensors ``[batch, max len(target)]``.
     """
     if not items:
         raise DataError("collate: empty list of samples")
-    b = len(items)
-    lp = max(len(x.prompt_ids) for x in items)
-    lt = max(len(x.target_ids) for x in items)
-    if lp == 0 or lt == 0:
+    batch = len(items)
+    prompt_len = max(len(x.prompt_ids) for x in items)
+    target_len = max(len(x.target_ids) for x in items)
+    if prompt_len == 0 or target_len == 0:
         raise DataError("collate: a sample has an empty prompt or an empty target")
-    p = np.full((b, lp), pad_id, dtype=np.int64)
-    pm = np.zeros((b, lp), dtype=np.int64)
-    t = np.full((b, lt), pad_id, dtype=np.int64)
-    tm = np.zeros((b, lt), dtype=np.int64)
-    for i, x in enumerate(items):
-        n = len(x.prompt_ids)
-        if n:
-            p[i, lp - n :] = x.prompt_ids
-            pm[i, lp - n :] = 1
-        m = len(x.target_ids)
-        if m:
-            t[i, :m] = x.target_ids
-            tm[i, :m] = 1
-    return Batch(*(torch.from_numpy(a) for a in (p, pm, t, tm)))
+    prompt_ids = np.full((batch, prompt_len), pad_id, dtype=np.int64)
+    prompt_mask = np.zeros((batch, prompt_len), dtype=np.int64)
+    target_ids = np.full((batch, target_len), pad_id, dtype=np.int64)
+    target_mask = np.zeros((batch, target_len), dtype=np.int64)
+    for row, sample in enumerate(items):
+        length = len(sample.prompt_ids)
+        if length:
+            prompt_ids[row, prompt_len - length :] = sample.prompt_ids
+            prompt_mask[row, prompt_len - length :] = 1
+        length = len(sample.target_ids)
+        if length:
+            target_ids[row, :length] = sample.target_ids
+            target_mask[row, :length] = 1
+    arrays = (prompt_ids, prompt_mask, target_ids, target_mask)
+    return Batch(*(torch.from_numpy(array) for array in arrays))
 
 
 def batch_indices(
@@ -94,7 +96,7 @@ def batch_indices(
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size}: must be >= 1")
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-    out = [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+    out = [order[first : first + batch_size].tolist() for first in range(0, n, batch_size)]
     if drop_last and out and len(out[-1]) < batch_size:
         out.pop()
     return out
@@ -110,5 +112,5 @@ def iterate_batches(
     drop_last: bool = False,
 ) -> Iterator[Batch]:
     """Yield collated batches over ``encoded`` (in order, or a seeded shuffle)."""
-    for idx in batch_indices(len(encoded), batch_size, shuffle, seed, drop_last):
-        yield collate([encoded[i] for i in idx], pad_id)
+    for rows in batch_indices(len(encoded), batch_size, shuffle, seed, drop_last):
+        yield collate([encoded[i] for i in rows], pad_id)

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import ast
 import csv
-import gzip
 import io
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .files import read_text
 from .records import ItemCatalog, RecDataset, Sample, category_from_name
 
 __all__ = [
@@ -56,64 +57,40 @@ REQUIRED_COLUMNS = ("history_item_id", "item_id", "history_item_title", "item_ti
 _CHECKED_LIST_COLUMNS = ("item_asins", "history_rating", "history_timestamp")
 
 
-def _read_text(path: Path) -> str:
-    """The file's text, UTF-8 (gzip if ``.gz``); errors name the line of a bad byte."""
-    try:
-        raw = path.read_bytes()
-        if path.suffix == ".gz":
-            raw = gzip.decompress(raw)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from e
-    if not raw.strip():
-        raise DataError(f"{path}: empty file (row 0, no header or data)")
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")  # tolerate a UTF-8 BOM
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(
-            f"{path}: line {line}, byte column {col}: invalid UTF-8 byte 0x{raw[e.start]:02x}"
-        ) from None
-
-
 def read_info(path: str | os.PathLike) -> list[str]:
     """Titles by id from ``info/NAME.txt`` (``title<TAB>id`` lines; ids must be 0..n-1)."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     titles: list[str | None] = [None] * len(lines)
-    for ln, line in enumerate(lines, 1):
-        line = line.rstrip("\r")
-        title, sep, sid = line.rpartition("\t")
-        if not sep:
-            raise DataError(f"{path}: line {ln}, column item_id: expected 'title<TAB>item_id'")
+    for line_number, line in enumerate(lines, 1):
+        where = f"{path}: line {line_number}, column item_id"
+        title, tab, id_text = line.rstrip("\r").rpartition("\t")
+        if not tab:
+            raise DataError(f"{where}: expected 'title<TAB>item_id'")
         try:
-            i = int(sid)
+            item_id = int(id_text)
         except ValueError:
+            raise DataError(f"{where}: {id_text!r} is not an integer") from None
+        if not 0 <= item_id < len(lines):
             raise DataError(
-                f"{path}: line {ln}, column item_id: {sid!r} is not an integer"
-            ) from None
-        if not 0 <= i < len(lines):
-            raise DataError(
-                f"{path}: line {ln}, column item_id: id {i} outside 0..{len(lines) - 1} "
+                f"{where}: id {item_id} outside 0..{len(lines) - 1} "
                 f"(ids must be 0..n-1, one line each)"
             )
-        if titles[i] is not None:
-            raise DataError(f"{path}: line {ln}, column item_id: duplicate id {i}")
-        titles[i] = title
+        if titles[item_id] is not None:
+            raise DataError(f"{where}: duplicate id {item_id}")
+        titles[item_id] = title
     return titles  # type: ignore[return-value]  # every slot filled: n distinct ids in 0..n-1
 
 
 def find_split_file(root: Path, split: str, name: str) -> Path:
     """``root/split/name.csv`` or ``.csv.gz``; DataError naming both when neither exists."""
-    for ext in (".csv", ".csv.gz"):
-        p = root / split / f"{name}{ext}"
-        if p.is_file():
-            return p
+    for extension in (".csv", ".csv.gz"):
+        path = root / split / f"{name}{extension}"
+        if path.is_file():
+            return path
     raise DataError(f"{root / split / name}.csv[.gz]: missing {split} split file")
 
 
@@ -133,19 +110,23 @@ _TRIVIAL_LIST = re.compile(rf"\[(?:{_NUM}(?:, ?{_NUM})*|{_STR}(?:, ?{_STR})*)?\]
 _PLAIN_STR_LIST = re.compile(r"\['[^'\\\n]*'(?:, '[^'\\\n]*')*\]\Z")
 
 
-def parse_str_list(s: str) -> Any:
-    """``ast.literal_eval(s)``, with a fast path for ``['a', 'b c']`` (no escapes)."""
-    if _PLAIN_STR_LIST.match(s):
-        return s[2:-2].split("', '")
-    return ast.literal_eval(s)
+def parse_str_list(text: str) -> Any:
+    """``ast.literal_eval(text)``, with a fast path for ``['a', 'b c']`` (no escapes)."""
+    if _PLAIN_STR_LIST.match(text):
+        return text[2:-2].split("', '")
+    return ast.literal_eval(text)
 
 
-def parse_int_list(s: str) -> Any:
-    """``ast.literal_eval(s)``, with a fast path for plain ``[1, 2, 3]``."""
-    if _INT_LIST.match(s):
-        body = s[1:-1]
+def parse_int_list(text: str) -> Any:
+    """``ast.literal_eval(text)``, with a fast path for plain ``[1, 2, 3]``."""
+    if _INT_LIST.match(text):
+        body = text[1:-1]
         return [int(x) for x in body.split(",")] if body.strip() else []
-    return ast.literal_eval(s)
+    return ast.literal_eval(text)
+
+
+# What ast.literal_eval (and the fast paths) raise on a malformed literal.
+_LITERAL_ERRORS = (ValueError, SyntaxError, MemoryError, RecursionError, TypeError)
 
 
 class _Literal:
@@ -154,106 +135,164 @@ class _Literal:
     def __init__(self) -> None:
         self.cache: dict[str, Any] = {}
 
-    def __call__(self, s: str) -> Any:
-        v = self.cache.get(s)
-        if v is None:
-            v = ast.literal_eval(s)
+    def __call__(self, text: str) -> Any:
+        value = self.cache.get(text)
+        if value is None:
+            value = ast.literal_eval(text)
             if len(self.cache) < 100_000:
-                self.cache[s] = v
-        return v
+                self.cache[text] = value
+        return value
+
+
+class _BadCell(Exception):
+    """A cell that fails a check; :func:`read_split` adds the file, row and line."""
+
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+        self.message = message
+
+
+@dataclass(frozen=True)
+class _ColumnIndex:
+    """Positions of the columns a Sample is built from, and of the checked-only list columns."""
+
+    history_ids: int
+    history_titles: int
+    target_id: int
+    target_title: int
+    user: int | None
+    checked: tuple[tuple[str, int], ...]
+    width: int
+
+
+def _column_index(path: Path, header: list[str]) -> _ColumnIndex:
+    """Finds the columns by name in the header row; DataError when a required one is missing."""
+    position = {name.strip(): k for k, name in enumerate(header)}
+    missing = [c for c in REQUIRED_COLUMNS if c not in position]
+    if missing:
+        raise DataError(f"{path}: row 0 (header): missing column(s) {', '.join(missing)}")
+    return _ColumnIndex(
+        history_ids=position["history_item_id"],
+        history_titles=position["history_item_title"],
+        target_id=position["item_id"],
+        target_title=position["item_title"],
+        user=position.get("user_id"),
+        checked=tuple((c, position[c]) for c in _CHECKED_LIST_COLUMNS if c in position),
+        width=len(header),
+    )
+
+
+def _typed_list(
+    cell: str, column: str, parse: Callable[[str], Any], element: type, plural: str
+) -> list | tuple:
+    """The list literal in ``cell``, every element of type ``element``."""
+    try:
+        values = parse(cell)
+    except _LITERAL_ERRORS:
+        raise _BadCell(column, f"malformed list literal {cell[:80]!r}") from None
+    if not isinstance(values, list | tuple) or not all(type(x) is element for x in values):
+        raise _BadCell(column, f"expected a list of {plural}, got {cell[:80]!r}")
+    return values
+
+
+def _check_item_id(item_id: int, column: str, num_items: int) -> None:
+    if not 0 <= item_id < num_items:
+        raise _BadCell(column, f"item id {item_id} not in the info file (ids 0..{num_items - 1})")
+
+
+def _history(row: list[str], columns: _ColumnIndex, num_items: int) -> tuple[list, list]:
+    """The row's history item ids and titles, checked against each other and the catalogue."""
+    history_ids = _typed_list(
+        row[columns.history_ids], "history_item_id", parse_int_list, int, "integers"
+    )
+    if not history_ids:
+        raise _BadCell("history_item_id", "empty history")
+    for item_id in history_ids:
+        _check_item_id(item_id, "history_item_id", num_items)
+    cell = row[columns.history_titles]
+    history_titles = _typed_list(cell, "history_item_title", parse_str_list, str, "strings")
+    if len(history_titles) != len(history_ids):
+        raise _BadCell(
+            "history_item_title", f"{len(history_titles)} titles for {len(history_ids)} history ids"
+        )
+    if "\\" in cell:  # only an escape ('\\ud800') can make a lone surrogate
+        for title in history_titles:
+            try:
+                title.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _BadCell(
+                    "history_item_title",
+                    f"title {title[:40]!r} is not valid text ({e.reason} at {e.start})",
+                ) from None
+    return history_ids, history_titles
+
+
+def _check_unused_lists(row: list[str], columns: _ColumnIndex, literal: _Literal) -> None:
+    """Present but unused list columns must still hold list literals (or be empty/None)."""
+    for column, k in columns.checked:
+        cell = row[k]
+        if cell and cell != "None" and not _TRIVIAL_LIST.match(cell):
+            try:
+                value = literal(cell)
+            except _LITERAL_ERRORS:
+                raise _BadCell(column, f"malformed list literal {cell[:80]!r}") from None
+            if not isinstance(value, list | tuple):
+                raise _BadCell(column, f"expected a list literal, got {cell[:80]!r}")
+
+
+def _parse_row(row: list[str], columns: _ColumnIndex, num_items: int, literal: _Literal) -> Sample:
+    """One data row as a Sample; checks run in column order history, target, unused lists."""
+    if len(row) != columns.width:
+        raise _BadCell("-", f"{len(row)} fields, header has {columns.width}")
+    history_ids, history_titles = _history(row, columns, num_items)
+    try:
+        target_id = int(row[columns.target_id])
+    except ValueError:
+        raise _BadCell("item_id", f"{row[columns.target_id]!r} is not an integer") from None
+    _check_item_id(target_id, "item_id", num_items)
+    _check_unused_lists(row, columns, literal)
+    user = row[columns.user] if columns.user is not None and row[columns.user] else None
+    return Sample(
+        tuple(history_ids), tuple(history_titles), target_id, row[columns.target_title], user
+    )
 
 
 def read_split(path: str | os.PathLike, num_items: int) -> list[Sample]:
     """Samples of one split CSV; raises DataError naming file, row and column on bad input."""
     path = Path(path)
-    text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
         header = next(reader)
     except (StopIteration, csv.Error) as e:
         raise DataError(f"{path}: row 0 (header): cannot parse header ({e})") from None
-    col = {c.strip(): k for k, c in enumerate(header)}
-    missing = [c for c in REQUIRED_COLUMNS if c not in col]
-    if missing:
-        raise DataError(f"{path}: row 0 (header): missing column(s) {', '.join(missing)}")
-    i_hid, i_id = col["history_item_id"], col["item_id"]
-    i_ht, i_t = col["history_item_title"], col["item_title"]
-    i_user = col.get("user_id")
-    checked = [(c, col[c]) for c in _CHECKED_LIST_COLUMNS if c in col]
-    lit = _Literal()
-    width = len(header)
-    out: list[Sample] = []
-    row_no = 0
+    columns = _column_index(path, header)
+    literal = _Literal()
+    samples: list[Sample] = []
+    row_number = 0
     blank = 0
-    column = "?"
-
-    def fail(msg: str) -> DataError:
-        return DataError(f"{path}: row {row_no} (line {reader.line_num}), column {column}: {msg}")
-
     try:
         for row in reader:
-            row_no += 1
-            if len(row) != width:
-                if not row:  # csv yields [] for a blank line: skip it, counted in a warning
-                    blank += 1
-                    row_no -= 1
-                    continue
-                column = "-"
-                raise fail(f"{len(row)} fields, header has {width}")
-            column = "history_item_id"
+            if not row:  # csv yields [] for a blank line: skip it, counted in a warning
+                blank += 1
+                continue
+            row_number += 1
             try:
-                hid = parse_int_list(row[i_hid])
-            except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                raise fail(f"malformed list literal {row[i_hid][:80]!r}") from None
-            if not isinstance(hid, list | tuple) or not all(type(x) is int for x in hid):
-                raise fail(f"expected a list of integers, got {row[i_hid][:80]!r}")
-            if not hid:
-                raise fail("empty history")
-            for x in hid:
-                if not 0 <= x < num_items:
-                    raise fail(f"item id {x} not in the info file (ids 0..{num_items - 1})")
-            column = "history_item_title"
-            try:
-                ht = parse_str_list(row[i_ht])
-            except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                raise fail(f"malformed list literal {row[i_ht][:80]!r}") from None
-            if not isinstance(ht, list | tuple) or not all(type(x) is str for x in ht):
-                raise fail(f"expected a list of strings, got {row[i_ht][:80]!r}")
-            if len(ht) != len(hid):
-                raise fail(f"{len(ht)} titles for {len(hid)} history ids")
-            if "\\" in row[i_ht]:  # only an escape ('\\ud800') can make a lone surrogate
-                for t in ht:
-                    try:
-                        t.encode("utf-8")
-                    except UnicodeEncodeError as e:
-                        raise fail(
-                            f"title {t[:40]!r} is not valid text ({e.reason} at {e.start})"
-                        ) from None
-            column = "item_id"
-            try:
-                tid = int(row[i_id])
-            except ValueError:
-                raise fail(f"{row[i_id]!r} is not an integer") from None
-            if not 0 <= tid < num_items:
-                raise fail(f"item id {tid} not in the info file (ids 0..{num_items - 1})")
-            for name, k in checked:
-                column, s = name, row[k]
-                if s and s != "None" and not _TRIVIAL_LIST.match(s):
-                    try:
-                        v = lit(s)
-                    except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                        raise fail(f"malformed list literal {s[:80]!r}") from None
-                    if not isinstance(v, list | tuple):
-                        raise fail(f"expected a list literal, got {s[:80]!r}")
-            user = row[i_user] if i_user is not None and row[i_user] else None
-            out.append(Sample(tuple(hid), tuple(ht), tid, row[i_t], user))
+                samples.append(_parse_row(row, columns, num_items, literal))
+            except _BadCell as bad:
+                raise DataError(
+                    f"{path}: row {row_number} (line {reader.line_num}), "
+                    f"column {bad.column}: {bad.message}"
+                ) from None
     except csv.Error as e:
-        raise DataError(f"{path}: row {row_no + 1} (line {reader.line_num}): CSV error: {e}") from e
+        raise DataError(
+            f"{path}: row {row_number + 1} (line {reader.line_num}): CSV error: {e}"
+        ) from e
     if blank:
         warnings.warn(f"{path}: skipped {blank} blank line(s)", stacklevel=2)
-    if not out:
+    if not samples:
         warnings.warn(f"{path}: no data rows (header only)", stacklevel=2)
-    return out
+    return samples
 
 
 def _dataset_name(root: Path, name: str | None) -> str:
@@ -320,24 +359,25 @@ def load_dataset(
     if spec.startswith("recbole:"):
         from .recbole import load_recbole
 
-        p = Path(spec[len("recbole:") :])
-        return load_recbole(p.parent, p.name, category=category)
+        stem = Path(spec[len("recbole:") :])
+        return load_recbole(stem.parent, stem.name, category=category)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from .synthetic import make_synthetic
 
         seed = spec.partition(":")[2]
         try:
-            ds = make_synthetic(seed=int(seed) if seed else 0)
+            dataset = make_synthetic(seed=int(seed) if seed else 0)
         except ValueError:
             raise DataError(f"{spec!r}: expected 'synthetic' or 'synthetic:<int seed>'") from None
         if category:
-            ds.category = category
-        return ds
+            dataset.category = category
+        return dataset
     return load_standard(spec, category=category, name=name)
 
 
-def _fmt_list(values: Iterable[Any]) -> str:
-    return repr(list(values))
+def _cell(value: Any) -> Any:
+    """A CSV cell: lists and tuples as Python list literals (``repr``), as the reference does."""
+    return repr(list(value)) if isinstance(value, list | tuple) else value
 
 
 def write_standard(
@@ -347,24 +387,22 @@ def write_standard(
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
 ) -> Path:
     """Write the standard layout. ``splits[split]`` rows are dicts with the keys of COLUMNS;
-    list values are written as Python literals (``repr``), as the reference does."""
+    list values are written as Python list literals (``repr``), as the reference does."""
     root = Path(root)
-    for t in titles:
-        if "\t" in t or "\n" in t or "\r" in t:
+    for title in titles:
+        if "\t" in title or "\n" in title or "\r" in title:
             raise DataError(
-                f"title {t!r} contains a tab or newline; info/{name}.txt cannot hold it"
+                f"title {title!r} contains a tab or newline; info/{name}.txt cannot hold it"
             )
     (root / "info").mkdir(parents=True, exist_ok=True)
     with open(root / "info" / f"{name}.txt", "w", encoding="utf-8", newline="\n") as f:
-        for i, t in enumerate(titles):
-            f.write(f"{t}\t{i}\n")
+        for item_id, title in enumerate(titles):
+            f.write(f"{title}\t{item_id}\n")
     for split in SPLITS:
         (root / split).mkdir(parents=True, exist_ok=True)
         with open(root / split / f"{name}.csv", "w", encoding="utf-8", newline="") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(COLUMNS)
-            for r in splits.get(split, ()):
-                w.writerow(
-                    [_fmt_list(r[c]) if isinstance(r[c], list | tuple) else r[c] for c in COLUMNS]
-                )
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(COLUMNS)
+            for row in splits.get(split, ()):
+                writer.writerow([_cell(row[column]) for column in COLUMNS])
     return root

@@ -1,4 +1,5 @@
-"""Prompt and target construction (SPEC section 2).
+"""Prompt and target construction: the (x, y) prompt format of paper Sec. 3.1, with the
+reference (BIGRec/D³) prompt text.
 
 The prompt is two separately tokenized segments, concatenated (each encoded WITHOUT special
 tokens), exactly as the reference builds it, so the token boundaries match the reference:
@@ -53,8 +54,8 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 
 
 def format_history(titles: Sequence[str]) -> str:
-    """H of SPEC section 2: each title wrapped in ``"``, joined by ``", "``."""
-    return ", ".join(f'"{t}"' for t in titles)
+    """The history segment: each title wrapped in ``"``, joined by ``", "`` (the reference's)."""
+    return ", ".join(f'"{title}"' for title in titles)
 
 
 class PromptBuilder:
@@ -64,7 +65,8 @@ class PromptBuilder:
         tokenizer: a Hugging Face tokenizer with ``eos_token_id``.
         category: category name (``CDs_and_Vinyl``) or word (``musics``); see ``category_word``.
         template: ``"reference"`` (default, byte-exact with the reference) or ``"clean"``.
-        num_latent: N, the number of thought slots between prompt and target (0 = w/o reasoning).
+        num_latent: N, the number of latent thought slots r_1..r_N between prompt x and target
+            y (paper Sec. 3.1; 0 = w/o reasoning).
         max_length: maximum of ``len(prompt) + N + len(target)``; the prompt is cut on the left.
     """
 
@@ -90,11 +92,11 @@ class PromptBuilder:
         self.template = template
         self.num_latent = int(num_latent)
         self.max_length = int(max_length)
-        a, b = TEMPLATES[template]
-        self._segment_a = a.replace("{C}", self.word)
+        instruction, history = TEMPLATES[template]
+        self._segment_a = instruction.replace("{C}", self.word)
         # B keeps {H}; "{C}" is substituted now so only the history varies per sample.
-        self._segment_b = b.replace("{C}", self.word)
-        self._a_ids: list[int] = self._encode(self._segment_a)
+        self._segment_b = history.replace("{C}", self.word)
+        self._segment_a_ids: list[int] = self._encode(self._segment_a)
         self._target_cache: dict[str, list[int]] = {}
 
     # ---- text -----------------------------------------------------------------------------
@@ -117,24 +119,28 @@ class PromptBuilder:
 
     # ---- ids ------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
+        """Ids of ``text`` without special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``[_encode(text) for text in texts]`` in one tokenizer call."""
         # The Rust backend directly (no offsets, no Python wrapping) is ~2x faster than
         # tokenizer(texts); the ids are the same (checked in tests/data).
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         fast = getattr(backend, "encode_batch_fast", None)
         if fast is not None:
-            return [e.ids for e in fast(texts, add_special_tokens=False)]
-        return [list(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            return [encoding.ids for encoding in fast(texts, add_special_tokens=False)]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [list(ids) for ids in encoded]
 
     @property
     def eos_id(self) -> int:
+        """The tokenizer's EOS id (ends every target)."""
         return int(self.tokenizer.eos_token_id)
 
     def prompt_ids(self, history_titles: Sequence[str]) -> list[int]:
         """Ids of segment A + segment B (not truncated, no thought tokens)."""
-        return self._a_ids + self._encode(self.segment_b(history_titles))
+        return self._segment_a_ids + self._encode(self.segment_b(history_titles))
 
     def target_ids(self, title: str) -> list[int]:
         """Ids of ``'"' + title + '"\\n'`` encoded as one string, then EOS."""
@@ -145,6 +151,7 @@ class PromptBuilder:
         return list(ids)
 
     def _fit(self, prompt: list[int], target: list[int]) -> EncodedSample:
+        """Left-truncates the prompt to fit ``max_length`` with the thought slots and target."""
         budget = self.max_length - self.num_latent - len(target)
         if budget < 1:
             raise ConfigError(
@@ -166,36 +173,38 @@ class PromptBuilder:
         """``[target_ids(t) for t in titles]`` with one batched tokenizer call for new titles."""
         missing = sorted(set(titles) - self._target_cache.keys())
         if missing:
-            t_ids = self._encode_batch([self.target_text(t) for t in missing])
-            for t, ids in zip(missing, t_ids):
-                self._target_cache[t] = list(ids) + [self.eos_id]
-        return [list(self._target_cache[t]) for t in titles]
+            encoded = self._encode_batch([self.target_text(title) for title in missing])
+            for title, ids in zip(missing, encoded):
+                self._target_cache[title] = list(ids) + [self.eos_id]
+        return [list(self._target_cache[title]) for title in titles]
 
     def encode_many(self, samples: Sequence[Sample]) -> list[EncodedSample]:
         """``[encode(s) for s in samples]``, with batched tokenizer calls (much faster)."""
         if not samples:
             return []
         texts = [self.segment_b(s.history_titles) for s in samples]
-        b_ids = self._encode_batch(texts)
+        segment_b_ids = self._encode_batch(texts)
         self.target_ids_many([s.target_title for s in samples])
         return [
-            self._fit(self._a_ids + list(b), list(self._target_cache[s.target_title]))
-            for s, b in zip(samples, b_ids)
+            self._fit(
+                self._segment_a_ids + list(history_ids), list(self._target_cache[s.target_title])
+            )
+            for s, history_ids in zip(samples, segment_b_ids)
         ]
 
     def thought_token_id(self) -> int:
         """Id of THOUGHT_TOKEN, adding it to the tokenizer as a special token if missing."""
-        tid = self.tokenizer.convert_tokens_to_ids(THOUGHT_TOKEN)
-        if tid is None or tid == self.tokenizer.unk_token_id or tid < 0:
+        token_id = self.tokenizer.convert_tokens_to_ids(THOUGHT_TOKEN)
+        if token_id is None or token_id == self.tokenizer.unk_token_id or token_id < 0:
             self.tokenizer.add_tokens([THOUGHT_TOKEN], special_tokens=True)
-            tid = self.tokenizer.convert_tokens_to_ids(THOUGHT_TOKEN)
-        return int(tid)
+            token_id = self.tokenizer.convert_tokens_to_ids(THOUGHT_TOKEN)
+        return int(token_id)
 
     def full_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
         """(input_ids, labels): ``prompt + [thought] * N + target``; labels are -100 except on
         the target tokens (EOS included)."""
-        enc = self.encode(sample)
+        encoded = self.encode(sample)
         thought = [self.thought_token_id()] * self.num_latent if self.num_latent else []
-        input_ids = enc.prompt_ids + thought + enc.target_ids
-        labels = [IGNORE_INDEX] * (len(enc.prompt_ids) + len(thought)) + enc.target_ids
+        input_ids = encoded.prompt_ids + thought + encoded.target_ids
+        labels = [IGNORE_INDEX] * (len(encoded.prompt_ids) + len(thought)) + encoded.target_ids
         return input_ids, labels

@@ -101,11 +101,12 @@ class RecDataset:
 
     @property
     def num_items(self) -> int:
+        """Size of the item catalogue."""
         return len(self.items)
 
     @property
     def category_word(self) -> str:
-        """The word used in prompts for this category (SPEC section 2)."""
+        """The word used in prompts for this category (the reference prompt's word)."""
         return category_word(self.category)
 
     def split(self, name: str) -> list[Sample]:
@@ -129,7 +130,7 @@ def target_counts(samples: Sequence[Sample], num_items: int) -> np.ndarray:
     return counts
 
 
-# SPEC section 2: the reference prompt's category words.
+# The reference prompt's category words (other categories: lower-cased, underscores as spaces).
 _CATEGORY_WORDS = {
     "cds_and_vinyl": "musics",
     "toys_and_games": "toys and games",

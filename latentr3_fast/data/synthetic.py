@@ -11,8 +11,8 @@ The embedded default dataset of the CLI. Generative story (all draws from ``rand
   - if the last item has an unread next volume: read it with probability ``p_next_volume``;
   - else with probability ``p_noise`` an entry item of any genre (by popularity weight);
   - else an entry item of a favourite genre, drawn by popularity weight.
-* Samples and the split follow SPEC section 1 (history <= 10, global temporal 80/10/10 split),
-  with per-user timestamps drawn so that users overlap in time.
+* Samples and the split follow the paper's datasets (App. A: history <= 10, global temporal
+  80/10/10 split), with per-user timestamps drawn so that users overlap in time.
 
 So "predict the next volume of the last series, else popular items of the user's genre" is far
 better than global popularity (see tests/data/test_data_synthetic.py), and a model must read the
@@ -22,6 +22,7 @@ history (copy the series name, increment the volume) to get there.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from .records import ItemCatalog, RecDataset
@@ -82,6 +83,110 @@ _NOUNS = [
 ]
 
 
+@dataclass
+class _Catalogue:
+    """Books in creation order (before the id shuffle): series volumes and standalones."""
+
+    titles: list[str] = field(default_factory=list)
+    genre_of: list[int] = field(default_factory=list)
+    next_volume: list[int | None] = field(default_factory=list)  # id of the next volume, if any
+    entries_by_genre: list[list[int]] = field(default_factory=list)  # volume 1s, standalones
+    entry_weight: dict[int, float] = field(default_factory=dict)  # popularity of an entry
+    standalone: list[int] = field(default_factory=list)
+
+
+def _build_catalogue(
+    rng: random.Random,
+    num_items: int,
+    genres: tuple[str, ...],
+    p_standalone: float,
+    max_volumes: int,
+) -> _Catalogue:
+    """Series (titles with ``Vol. n``) and standalones until ``num_items`` titles exist."""
+    # Per genre, series names (adjective, noun) without repetition; the genre word is part of
+    # the title, so a name may recur across genres without duplicating a title.
+    names = [(adjective, noun) for adjective in _ADJECTIVES for noun in _NOUNS]
+    free = [rng.sample(names, len(names)) for _ in genres]
+    catalogue = _Catalogue(entries_by_genre=[[] for _ in genres])
+    titles = catalogue.titles
+    overflow = 0
+    while len(titles) < num_items:
+        genre = rng.randrange(len(genres))
+        if free[genre]:
+            adjective, noun = free[genre].pop()
+            base = f"{adjective} {noun} {genres[genre]}"
+        else:  # only for catalogues far beyond the default size
+            overflow += 1
+            adjective, noun = names[overflow % len(names)]
+            base = f"{adjective} {noun} {genres[genre]} {overflow}"
+        if rng.random() < 0.15:
+            base = "The " + base
+        num_volumes = 1 if rng.random() < p_standalone else rng.randint(2, max_volumes)
+        num_volumes = min(num_volumes, num_items - len(titles))
+        weight = rng.lognormvariate(0.0, 1.0)
+        first = len(titles)
+        for volume in range(num_volumes):
+            titles.append(base if num_volumes == 1 else f"{base} Vol. {volume + 1}")
+            catalogue.genre_of.append(genre)
+            last = volume + 1 == num_volumes
+            catalogue.next_volume.append(None if last else first + volume + 1)
+        catalogue.entries_by_genre[genre].append(first)
+        catalogue.entry_weight[first] = weight
+        if num_volumes == 1:
+            catalogue.standalone.append(first)
+    return catalogue
+
+
+def _duplicate_titles(rng: random.Random, catalogue: _Catalogue, duplicate_rate: float) -> None:
+    """A few standalones take another same-genre standalone's title (real catalogues have
+    duplicates: "Greatest Hits" x54 in CDs)."""
+    standalone = catalogue.standalone
+    num_duplicates = max(2, round(duplicate_rate * len(standalone))) if duplicate_rate > 0 else 0
+    for i in rng.sample(standalone, min(num_duplicates, len(standalone) // 2)):
+        same = [j for j in standalone if catalogue.genre_of[j] == catalogue.genre_of[i] and j != i]
+        if same:
+            catalogue.titles[i] = catalogue.titles[rng.choice(same)]
+
+
+def _user_items(
+    rng: random.Random,
+    catalogue: _Catalogue,
+    favourites: list[int],
+    length: int,
+    p_next_volume: float,
+    p_noise: float,
+) -> list[int]:
+    """One user's reading order (catalogue indices, no repeats), per the module docstring."""
+    all_entries = [e for entries in catalogue.entries_by_genre for e in entries]
+
+    def pick(candidates: list[int], seen: set[int]) -> int | None:
+        """An unseen candidate drawn by popularity weight (None when all are seen)."""
+        unseen = [c for c in candidates if c not in seen]
+        if not unseen:
+            return None
+        return rng.choices(unseen, weights=[catalogue.entry_weight[c] for c in unseen])[0]
+
+    seen: set[int] = set()
+    sequence: list[int] = []
+    while len(sequence) < length:
+        last = sequence[-1] if sequence else None
+        next_volume = catalogue.next_volume[last] if last is not None else None
+        item: int | None = None
+        if next_volume is not None and next_volume not in seen and rng.random() < p_next_volume:
+            item = next_volume
+        elif sequence and rng.random() < p_noise:
+            item = pick(all_entries, seen)
+        if item is None:
+            item = pick(catalogue.entries_by_genre[rng.choice(favourites)], seen)
+        if item is None:
+            item = pick(all_entries, seen)
+        if item is None:
+            break
+        seen.add(item)
+        sequence.append(item)
+    return sequence
+
+
 def make_synthetic(
     num_items: int = 400,
     num_users: int = 600,
@@ -108,104 +213,36 @@ def make_synthetic(
         raise ConfigError(f"num_genres={num_genres}: must be in 1..{len(GENRES)}")
     if not 2 <= min_len <= max_len:
         raise ConfigError(f"min_len={min_len}, max_len={max_len}: need 2 <= min_len <= max_len")
-    rng = random.Random(seed)
-    genres = GENRES[:num_genres]
-
-    # ---- catalogue: series (lists of titles) with a genre and a weight --------------------
-    # Per genre, series names (adjective, noun) without repetition; the genre word is part of
-    # the title, so a name may recur across genres without duplicating a title.
-    names = [(a, n) for a in _ADJECTIVES for n in _NOUNS]
-    free = [rng.sample(names, len(names)) for _ in genres]
-    titles: list[str] = []
-    genre_of: list[int] = []
-    next_of: list[int | None] = []  # id of the next volume, if any
-    entries_by_genre: list[list[int]] = [[] for _ in genres]
-    entry_weight: dict[int, float] = {}
-    standalone: list[int] = []
-    k = 0
-    while len(titles) < num_items:
-        g = rng.randrange(num_genres)
-        if free[g]:
-            adj, noun = free[g].pop()
-            base = f"{adj} {noun} {genres[g]}"
-        else:  # only for catalogues far beyond the default size
-            k += 1
-            adj, noun = names[k % len(names)]
-            base = f"{adj} {noun} {genres[g]} {k}"
-        if rng.random() < 0.15:
-            base = "The " + base
-        n_vol = 1 if rng.random() < p_standalone else rng.randint(2, max_volumes)
-        n_vol = min(n_vol, num_items - len(titles))
-        weight = rng.lognormvariate(0.0, 1.0)
-        first = len(titles)
-        for v in range(n_vol):
-            titles.append(base if n_vol == 1 else f"{base} Vol. {v + 1}")
-            genre_of.append(g)
-            next_of.append(first + v + 1 if v + 1 < n_vol else None)
-        entries_by_genre[g].append(first)
-        entry_weight[first] = weight
-        if n_vol == 1:
-            standalone.append(first)
-    # A few duplicate titles (real catalogues have them: "Greatest Hits" x54 in CDs).
-    n_dup = max(2, round(duplicate_rate * len(standalone))) if duplicate_rate > 0 else 0
-    for i in rng.sample(standalone, min(n_dup, len(standalone) // 2)):
-        same = [j for j in standalone if genre_of[j] == genre_of[i] and j != i]
-        if same:
-            titles[i] = titles[rng.choice(same)]
+    rng = random.Random(seed)  # one stream, drawn in this order: catalogue, ids, users
+    catalogue = _build_catalogue(rng, num_items, GENRES[:num_genres], p_standalone, max_volumes)
+    _duplicate_titles(rng, catalogue, duplicate_rate)
 
     # Ids are a seeded permutation, so that id order says nothing about series order.
-    perm = list(range(len(titles)))
-    rng.shuffle(perm)  # perm[old] = new id
-    new_titles = [""] * len(titles)
-    for old, new in enumerate(perm):
-        new_titles[new] = titles[old]
+    new_id = list(range(len(catalogue.titles)))
+    rng.shuffle(new_id)  # new_id[catalogue index] = item id
+    titles = [""] * len(catalogue.titles)
+    for old, new in enumerate(new_id):
+        titles[new] = catalogue.titles[old]
 
-    all_entries = [e for es in entries_by_genre for e in es]
-
-    def pick(cands: list[int], seen: set[int]) -> int | None:
-        free = [c for c in cands if c not in seen]
-        if not free:
-            return None
-        return rng.choices(free, weights=[entry_weight[c] for c in free])[0]
-
-    # ---- users ---------------------------------------------------------------------------
     sequences: dict[str, list[tuple[float, int]]] = {}
     width = len(str(num_users))
-    for u in range(num_users):
-        favs = rng.sample(range(num_genres), 1 if rng.random() < 0.5 else min(2, num_genres))
+    for user in range(num_users):
+        favourites = rng.sample(range(num_genres), 1 if rng.random() < 0.5 else min(2, num_genres))
         length = rng.randint(min_len, max_len)
-        t = rng.uniform(0.0, 1000.0)
-        seen: set[int] = set()
-        seq: list[int] = []
-        while len(seq) < length:
-            last = seq[-1] if seq else None
-            nxt = next_of[last] if last is not None else None
-            item: int | None = None
-            if nxt is not None and nxt not in seen and rng.random() < p_next_volume:
-                item = nxt
-            elif seq and rng.random() < p_noise:
-                item = pick(all_entries, seen)
-            if item is None:
-                item = pick(entries_by_genre[rng.choice(favs)], seen)
-            if item is None:
-                item = pick(all_entries, seen)
-            if item is None:
-                break
-            seen.add(item)
-            seq.append(item)
+        time = rng.uniform(0.0, 1000.0)
+        items = _user_items(rng, catalogue, favourites, length, p_next_volume, p_noise)
         times = []
-        for _ in seq:
-            t += rng.expovariate(1.0 / 20.0)
-            times.append(round(t, 3))
-        sequences[f"U{u:0{width}d}"] = [(tm, perm[i]) for tm, i in zip(times, seq)]
+        for _ in items:
+            time += rng.expovariate(1.0 / 20.0)
+            times.append(round(time, 3))
+        sequences[f"U{user:0{width}d}"] = [(t, new_id[i]) for t, i in zip(times, items)]
 
-    timed = sequences_to_samples(sequences, new_titles)
-    train, valid, test = temporal_split(timed)
+    train, valid, test = temporal_split(sequences_to_samples(sequences, titles))
     return RecDataset(
         train=train,
         valid=valid,
         test=test,
-        items=ItemCatalog(new_titles),
+        items=ItemCatalog(titles),
         category=category,
         name=f"synthetic_{num_items}x{num_users}_s{seed}",
     )

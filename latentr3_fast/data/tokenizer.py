@@ -41,32 +41,33 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     """
     if vocab_size < 258:
         raise ConfigError(f"vocab_size={vocab_size}: must be >= 258 (256 bytes + EOS + merges)")
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tok.decoder = decoders.ByteLevel()
+    tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    tokenizer.train_from_iterator(list(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=None
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=None
     )
 
 
 def dataset_corpus(dataset: RecDataset, template: str = "reference") -> list[str]:
     """Texts to train a tiny tokenizer on: the prompt segments and every item's target string."""
     word = category_word(dataset.category)
-    a, b = TEMPLATES[template]
+    instruction, history = TEMPLATES[template]
     # The template occurs in every prompt: weight it so its words get merges (shorter prompts).
-    texts = [a.replace("{C}", word), b.replace("{C}", word).replace("{H}", "")] * 20
+    instruction = instruction.replace("{C}", word)
+    texts = [instruction, history.replace("{C}", word).replace("{H}", "")] * 20
     texts += [PromptBuilder.target_text(t) for t in dataset.items.titles]
     return texts

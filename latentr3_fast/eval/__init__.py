@@ -2,28 +2,9 @@
 
 from __future__ import annotations
 
+from . import metrics
 from .evaluate import EvalResult, evaluate, evaluate_scorings
-from .metrics import (
-    DEFAULT_KS,
-    first_hit_rank,
-    group_metrics,
-    metrics_from_ranks,
-    normalize_title,
-    out_of_catalogue_count,
-    popularity_groups,
-    relative_gain,
-)
+from .metrics import *  # noqa: F403  (the metric functions: metrics.__all__)
 
-__all__ = [
-    "DEFAULT_KS",
-    "EvalResult",
-    "evaluate",
-    "evaluate_scorings",
-    "first_hit_rank",
-    "group_metrics",
-    "metrics_from_ranks",
-    "normalize_title",
-    "out_of_catalogue_count",
-    "popularity_groups",
-    "relative_gain",
-]
+__all__ = ["EvalResult", "evaluate", "evaluate_scorings"]
+__all__ += metrics.__all__

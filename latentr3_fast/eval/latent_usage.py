@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from ..data.collate import EncodedSample, collate
+from ..data.collate import Batch, EncodedSample, collate
 from ..errors import ConfigError
+from .evaluate import eval_mode
 
 __all__ = ["LatentUsage", "latent_usage"]
 
@@ -40,15 +41,18 @@ class LatentUsage:
 
     @property
     def relative_gap(self) -> float:
+        """``gap / nll``: the swapped loss's relative increase (NaN when ``nll`` is 0)."""
         return self.gap / self.nll if self.nll > 0 else math.nan
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["gap"] = self.gap
-        d["relative_gap"] = self.relative_gap
-        return d
+        """The fields plus ``gap`` and ``relative_gap`` (JSON-ready)."""
+        record = asdict(self)
+        record["gap"] = self.gap
+        record["relative_gap"] = self.relative_gap
+        return record
 
     def summary(self) -> str:
+        """One sentence for logs and the report."""
         return (
             f"validation NLL {self.nll:.4f} with each row's own latent, {self.nll_swapped:.4f} "
             f"with another row's ({100 * self.relative_gap:+.2f} %, {self.rows} rows)"
@@ -59,9 +63,10 @@ class LatentUsage:
 def latent_usage(model: Any, samples: Sequence[EncodedSample], batch_size: int = 32) -> LatentUsage:
     """Swap test of a latent model (``model.num_latent`` >= 1) on encoded samples.
 
-    Pass 1 computes the latents ``[rows, N, d]`` of every row and scores its targets with
-    them; pass 2 scores row i's targets with the latents of row ``(i + 1) % rows``: two prompt
-    forwards per row. Target tokens are the ones SFT trains on (EOS included).
+    Pass 1 computes the latents ``[rows, N, hidden]`` (r_1..r_N of paper Eq. 3) of every row
+    and scores its targets with them; pass 2 scores row i's targets with the latents of row
+    ``(i + 1) % rows``: two prompt forwards per row. Target tokens are the ones SFT trains on
+    (EOS included).
 
     Args:
         model: a :class:`~latentr3_fast.model.LatentReasoner` with ``num_latent`` >= 1.
@@ -74,35 +79,36 @@ def latent_usage(model: Any, samples: Sequence[EncodedSample], batch_size: int =
         raise ConfigError(f"latent_usage: need >= 2 samples to swap latents, got {len(samples)}")
     if batch_size < 1:
         raise ConfigError(f"latent_usage: batch_size must be >= 1, got {batch_size}")
-    was_training = model.training
-    model.eval()
     pad = model.tokenizer.pad_token_id
     device = model.device
-    try:
-        spans = [(i, min(i + batch_size, len(samples))) for i in range(0, len(samples), batch_size)]
+    spans = [
+        (first, min(first + batch_size, len(samples)))
+        for first in range(0, len(samples), batch_size)
+    ]
 
-        def score(b, cache, r) -> float:
-            h = model.suffix_forward(cache, b.prompt_mask, r, b.target_ids)
-            return -model.target_logprobs(h, b.target_ids, b.target_mask).sum().item()
+    def target_nll(batch: Batch, cache: Any, latents: torch.Tensor) -> float:
+        """Summed NLL of the batch's target tokens after prompt ``cache`` and ``latents``."""
+        hidden = model.suffix_forward(cache, batch.prompt_mask, latents, batch.target_ids)
+        logprobs = model.target_logprobs(hidden, batch.target_ids, batch.target_mask)
+        return -logprobs.sum().item()
 
+    with eval_mode(model):
         # pass 1: every row's latents, and the NLL with them (on the same prompt cache)
         own: list[torch.Tensor] = []
         nll, tokens = 0.0, 0
-        for lo, hi in spans:
-            b = collate(samples[lo:hi], pad).to(device)
-            hidden, cache = model.encode_prompt(b.prompt_ids, b.prompt_mask)
-            own.append(model.latents(hidden, b.prompt_mask, cache))
-            nll += score(b, cache, own[-1])
-            tokens += int(b.target_mask.sum().item())
+        for first, end in spans:
+            batch = collate(samples[first:end], pad).to(device)
+            hidden, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+            own.append(model.latents(hidden, batch.prompt_mask, cache))
+            nll += target_nll(batch, cache, own[-1])
+            tokens += int(batch.target_mask.sum().item())
         # pass 2: row i scored with row i+1's latents (they may come from another batch)
         swapped = torch.roll(torch.cat(own), shifts=-1, dims=0)
         nll_swapped = 0.0
-        for lo, hi in spans:
-            b = collate(samples[lo:hi], pad).to(device)
-            _, cache = model.encode_prompt(b.prompt_ids, b.prompt_mask)
-            nll_swapped += score(b, cache, swapped[lo:hi])
-    finally:
-        model.train(was_training)
+        for first, end in spans:
+            batch = collate(samples[first:end], pad).to(device)
+            _, cache = model.encode_prompt(batch.prompt_ids, batch.prompt_mask)
+            nll_swapped += target_nll(batch, cache, swapped[first:end])
     return LatentUsage(
         nll=nll / tokens, nll_swapped=nll_swapped / tokens, tokens=tokens, rows=len(samples)
     )

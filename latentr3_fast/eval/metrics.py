@@ -1,4 +1,5 @@
-"""Top-K metrics as in SPEC section 6 (pure functions over ranks and titles).
+"""Top-K metrics HR@K and NDCG@K (paper Sec. 4.1) and popularity groups (paper Sec. 4.3.1,
+App. D), as the reference evaluation computes them (pure functions over ranks and titles).
 
 * A prediction hits if its title equals the target's after :func:`normalize_title` (the
   reference's rule, the one title-matching rule of the package); the rank is the 0-based
@@ -51,6 +52,7 @@ def first_hit_rank(predicted_titles: Sequence[str], target_title: str) -> int | 
 
 
 def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    """The cut-offs as a tuple; DataError unless every K is a positive int."""
     ks = tuple(ks)
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -61,19 +63,20 @@ def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
 def _rank_array(ranks: Iterable[int | float | None]) -> np.ndarray:
     """Ranks as float64 with +inf for a miss (None, +-inf or a negative rank)."""
     out = []
-    for i, r in enumerate(ranks):
-        if r is None:
+    for i, rank in enumerate(ranks):
+        if rank is None:
             out.append(math.inf)
             continue
-        ok_type = isinstance(r, (int, np.integer)) or (
-            isinstance(r, (float, np.floating)) and (math.isinf(r) or float(r).is_integer())
+        ok_type = isinstance(rank, (int, np.integer)) or (
+            isinstance(rank, (float, np.floating))
+            and (math.isinf(rank) or float(rank).is_integer())
         )
-        if isinstance(r, bool) or not ok_type:
+        if isinstance(rank, bool) or not ok_type:
             raise DataError(
                 f"ranks[{i}]: expected a 0-based int rank, or None/inf/a negative rank for a "
-                f"miss, got {r!r}"
+                f"miss, got {rank!r}"
             )
-        out.append(math.inf if r < 0 or math.isinf(r) else float(r))
+        out.append(math.inf if rank < 0 or math.isinf(rank) else float(rank))
     return np.asarray(out, dtype=np.float64)
 
 
@@ -92,17 +95,17 @@ def metrics_from_ranks(
         NaN) and ``n`` is 0, so an empty group reads as "no hits among 0 rows".
     """
     ks = _check_ks(ks)
-    r = _rank_array(ranks)
+    rank = _rank_array(ranks)
     out: dict[str, float] = {}
     for k in ks:
-        hit = r < k
-        if len(r) == 0:
+        hit = rank < k
+        if len(rank) == 0:
             out[f"HR@{k}"] = out[f"NDCG@{k}"] = 0.0
             continue
-        gain = np.where(hit, 1.0 / np.log2(np.where(hit, r, 0.0) + 2.0), 0.0)
+        gain = np.where(hit, 1.0 / np.log2(np.where(hit, rank, 0.0) + 2.0), 0.0)
         out[f"HR@{k}"] = float(hit.mean())
         out[f"NDCG@{k}"] = float(gain.mean())
-    out["n"] = len(r)
+    out["n"] = len(rank)
     return out
 
 
@@ -116,11 +119,11 @@ def popularity_groups(popularity_counts: Any, top_fraction: float = 0.2) -> np.n
         raise DataError(f"popularity_counts: expected 1-D, got shape {counts.shape}")
     if not 0.0 <= top_fraction <= 1.0:
         raise DataError(f"top_fraction must lie in [0, 1], got {top_fraction}")
-    n = len(counts)
-    n_pop = min(n, math.ceil(top_fraction * n - 1e-9))
+    num_items = len(counts)
+    num_popular = min(num_items, math.ceil(top_fraction * num_items - 1e-9))
     order = np.argsort(-counts.astype(np.float64), kind="stable")
-    popular = np.zeros(n, dtype=bool)
-    popular[order[:n_pop]] = True
+    popular = np.zeros(num_items, dtype=bool)
+    popular[order[:num_popular]] = True
     return popular
 
 
@@ -137,17 +140,17 @@ def group_metrics(
     ks = _check_ks(ks)
     if len(ranks) != len(target_ids):
         raise DataError(f"ranks has {len(ranks)} rows but target_ids has {len(target_ids)}")
-    pop = np.asarray(is_popular, dtype=bool)
-    tid = np.asarray(target_ids, dtype=np.int64)
-    if len(tid) and (tid.min() < 0 or tid.max() >= len(pop)):
-        bad = int(tid[(tid < 0) | (tid >= len(pop))][0])
-        raise DataError(f"target_ids: item id {bad} is outside is_popular [0, {len(pop)})")
-    row_pop = pop[tid] if len(tid) else np.zeros(0, dtype=bool)
+    popular = np.asarray(is_popular, dtype=bool)
+    targets = np.asarray(target_ids, dtype=np.int64)
+    if len(targets) and (targets.min() < 0 or targets.max() >= len(popular)):
+        bad = int(targets[(targets < 0) | (targets >= len(popular))][0])
+        raise DataError(f"target_ids: item id {bad} is outside is_popular [0, {len(popular)})")
+    row_popular = popular[targets] if len(targets) else np.zeros(0, dtype=bool)
     ranks = list(ranks)
     return {
         "all": metrics_from_ranks(ranks, ks),
-        "popular": metrics_from_ranks([r for r, p in zip(ranks, row_pop) if p], ks),
-        "unpopular": metrics_from_ranks([r for r, p in zip(ranks, row_pop) if not p], ks),
+        "popular": metrics_from_ranks([r for r, p in zip(ranks, row_popular) if p], ks),
+        "unpopular": metrics_from_ranks([r for r, p in zip(ranks, row_popular) if not p], ks),
     }
 
 
@@ -157,16 +160,16 @@ def relative_gain(new: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, 
     The row count ``n`` is skipped; a zero base gives +inf (or NaN when new is 0 too).
     """
     out: dict[str, Any] = {}
-    for key, b in base.items():
+    for key, base_value in base.items():
         if key == "n" or key not in new:
             continue
-        a = new[key]
-        if isinstance(b, Mapping):
-            out[key] = relative_gain(a, b)
-        elif b == 0:
-            out[key] = math.nan if a == 0 else math.copysign(math.inf, a)
+        new_value = new[key]
+        if isinstance(base_value, Mapping):
+            out[key] = relative_gain(new_value, base_value)
+        elif base_value == 0:
+            out[key] = math.nan if new_value == 0 else math.copysign(math.inf, new_value)
         else:
-            out[key] = (a - b) / b
+            out[key] = (new_value - base_value) / base_value
     return out
 
 
@@ -174,5 +177,5 @@ def out_of_catalogue_count(
     predicted_titles: Iterable[Sequence[str]], catalogue_titles: Iterable[str]
 ) -> int:
     """Number of predicted titles (over all rows) that match no catalogue title."""
-    known = {normalize_title(t) for t in catalogue_titles}
-    return sum(normalize_title(t) not in known for row in predicted_titles for t in row)
+    known = {normalize_title(title) for title in catalogue_titles}
+    return sum(normalize_title(title) not in known for row in predicted_titles for title in row)

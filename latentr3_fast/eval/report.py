@@ -19,7 +19,8 @@ TABLE_METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
 
 
 def scoring_name(length_penalty: float) -> str:
-    """'BIGRec' for length penalty 1.0, 'D3' for 0.0 (SPEC section 6), else 'lp=<x>'."""
+    """'BIGRec' for length penalty 1.0, 'D3' for 0.0 (the two recommenders of paper Sec. 4.1),
+    else 'lp=<x>'."""
     if length_penalty == 1.0:
         return "BIGRec"
     if length_penalty == 0.0:
@@ -35,19 +36,23 @@ def results_table(
     """Format records as a table: one row per (model, scoring), one column per metric."""
     header = ["model", "scoring", *metrics]
     rows = [
-        [str(r["model"]), str(r["scoring"]), *(_fmt(r.get(m)) for m in metrics)] for r in results
+        [str(r["model"]), str(r["scoring"]), *(_format_cell(r.get(m)) for m in metrics)]
+        for r in results
     ]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    fmt_row = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt_row(header), sep, *(fmt_row(r) for r in rows)])
+
+    def padded(cells: list[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths))
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([padded(header), rule, *(padded(row) for row in rows)])
 
 
-def _fmt(value: Any) -> str:
+def _format_cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -58,21 +63,29 @@ def _fmt(value: Any) -> str:
 def group_gain_table(
     results: Sequence[dict[str, Any]], base_model: str, new_model: str, metric: str = "NDCG@10"
 ) -> list[dict[str, Any]]:
-    """Relative gain of ``new_model`` over ``base_model`` per popularity group and scoring."""
+    """Relative gain of ``new_model`` over ``base_model`` per popularity group and scoring
+    (paper Sec. 4.3.1 / App. D)."""
     by_key = {(r["model"], r["scoring"]): r for r in results}
     out = []
-    for (model, scoring), rec in by_key.items():
+    for (model, scoring), record in by_key.items():
         if model != new_model or (base_model, scoring) not in by_key:
             continue
         base = by_key[(base_model, scoring)]
-        for group, vals in sorted(rec.get("groups", {}).items()):
-            b = base.get("groups", {}).get(group, {}).get(metric)
-            n = vals.get(metric)
-            if b is None or n is None:
+        for group, values in sorted(record.get("groups", {}).items()):
+            base_value = base.get("groups", {}).get(group, {}).get(metric)
+            new_value = values.get(metric)
+            if base_value is None or new_value is None:
                 continue
-            gain = (n - b) / b if b > 0 else None  # no relative gain over a zero baseline
+            # no relative gain over a zero baseline
+            gain = (new_value - base_value) / base_value if base_value > 0 else None
             out.append(
-                {"scoring": scoring, "group": group, "base": b, "new": n, "relative_gain": gain}
+                {
+                    "scoring": scoring,
+                    "group": group,
+                    "base": base_value,
+                    "new": new_value,
+                    "relative_gain": gain,
+                }
             )
     return out
 
@@ -99,6 +112,54 @@ def environment_info() -> dict[str, str]:
     return info
 
 
+def _gain_lines(gains: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown: relative gain per popularity group (paper Sec. 4.3.1, Fig. 2)."""
+    lines = ["", "## Popular vs unpopular items (relative gain)", ""]
+    lines += ["| scoring | group | base | new | gain |", "|---|---|---|---|---|"]
+    for g in gains:
+        gain = g["relative_gain"]
+        shown = "n/a (base is 0)" if gain is None else f"{gain:+.1%}"
+        lines.append(
+            f"| {g['scoring']} | {g['group']} | {g['base']:.4f} | {g['new']:.4f} | {shown} |"
+        )
+    return lines
+
+
+def _latent_usage_lines(latent_usage: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown: the swap test's table and one sentence per model."""
+    lines = ["", "## Does the latent carry per-sample information? (swap test)", ""]
+    lines += [
+        "Validation NLL per target token with each row's own latent vs with the next "
+        "row's latent. A gap near 0 means the model uses the latent slot as a constant.",
+        "",
+        "| model | own latent | swapped latent | gap |",
+        "|---|---|---|---|",
+    ]
+    for name, usage in latent_usage.items():
+        lines.append(
+            f"| {name} | {usage['nll']:.4f} | {usage['nll_swapped']:.4f} | "
+            f"{100 * usage['relative_gap']:+.2f} % |"
+        )
+    lines.append("")
+    for name, usage in latent_usage.items():
+        lines.append(f"- {name}: {swap_gap_words(usage['relative_gap'])}")
+    return lines
+
+
+def _timing_lines(timings: dict[str, float]) -> list[str]:
+    """Markdown: seconds per stage."""
+    lines = ["", "## Timings (seconds)", ""]
+    lines += [
+        "Summed over every invocation of this run (a resumed stage adds its time to the "
+        "earlier part); `total` is their sum.",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in timings.items()]
+    return lines
+
+
 def write_report(
     path: Path,
     results: Sequence[dict[str, Any]],
@@ -123,81 +184,52 @@ def write_report(
         lines += ["", "## GRPO: the step evaluated as LatentR3", ""]
         lines += grpo_validation_lines(grpo_validation)
     if gains:
-        lines += ["", "## Popular vs unpopular items (relative gain)", ""]
-        lines += ["| scoring | group | base | new | gain |", "|---|---|---|---|---|"]
-        for g in gains:
-            gain = g["relative_gain"]
-            shown = "n/a (base is 0)" if gain is None else f"{gain:+.1%}"
-            lines.append(
-                f"| {g['scoring']} | {g['group']} | {g['base']:.4f} | {g['new']:.4f} | {shown} |"
-            )
+        lines += _gain_lines(gains)
     if latent_usage:
-        lines += ["", "## Does the latent carry per-sample information? (swap test)", ""]
-        lines += [
-            "Validation NLL per target token with each row's own latent vs with the next "
-            "row's latent. A gap near 0 means the model uses the latent slot as a constant.",
-            "",
-            "| model | own latent | swapped latent | gap |",
-            "|---|---|---|---|",
-        ]
-        for name, u in latent_usage.items():
-            lines.append(
-                f"| {name} | {u['nll']:.4f} | {u['nll_swapped']:.4f} | "
-                f"{100 * u['relative_gap']:+.2f} % |"
-            )
-        lines.append("")
-        for name, u in latent_usage.items():
-            lines.append(f"- {name}: {swap_gap_words(u['relative_gap'])}")
-    lines += ["", "## Timings (seconds)", ""]
-    lines += [
-        "Summed over every invocation of this run (a resumed stage adds its time to the "
-        "earlier part); `total` is their sum.",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-    ]
-    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+        lines += _latent_usage_lines(latent_usage)
+    lines += _timing_lines(timings)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in environment_info().items()]
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    environment = environment_info().items()
+    lines += ["", "## Environment", ""] + [f"- {key}: {value}" for key, value in environment]
     lines += ["", "## Configuration", "", "```json", json.dumps(config, indent=2), "```", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def grpo_selection_summary(v: dict[str, Any]) -> str:
+def grpo_selection_summary(validation: dict[str, Any]) -> str:
     """One line: which GRPO step the LatentR3 model holds, and why (from ``validation.json``)."""
-    metric = "mean clean-latent reward" if v["metric"] == "reward" else "target NLL"
-    curve = v.get("curve") or []
-    start = next((c for c in curve if c["step"] == 0), None)
-    key = "val_" + v["metric"]
-    sel, last = v["selected_step"], v["last_step"]
-    head = f"LatentR3 = GRPO step {sel} of {last}"
-    if v["selection"] == "last":
+    metric = "mean clean-latent reward" if validation["metric"] == "reward" else "target NLL"
+    curve = validation.get("curve") or []
+    start = next((point for point in curve if point["step"] == 0), None)
+    key = "val_" + validation["metric"]
+    selected, last = validation["selected_step"], validation["last_step"]
+    head = f"LatentR3 = GRPO step {selected} of {last}"
+    if validation["selection"] == "last":
         why = (
             f"the last step (--grpo-select last, the reference); the best validated step was "
-            f"{v['best_step']}"
+            f"{validation['best_step']}"
         )
-    elif v["best_step"] is None:
+    elif validation["best_step"] is None:
         why = "the last step: no validation was finite"
-    elif sel == 0:
+    elif selected == 0:
         why = (
             f"no GRPO step improved the validation {metric} of the SFT model "
-            f"({v['best_value']:.4f}), so step 0 (the SFT model) is kept"
+            f"({validation['best_value']:.4f}), so step 0 (the SFT model) is kept"
         )
     else:
         base = f", step 0: {start[key]:.4f}" if start else ""
-        why = f"the best validation {metric} ({v['best_value']:.4f}{base})"
-    if v.get("stopped_early"):
-        why += f"; stopped early after {v['patience']} validations without improvement"
-    rows = f"{v['rows']} validation rows, every {v['eval_steps']} steps"
+        why = f"the best validation {metric} ({validation['best_value']:.4f}{base})"
+    if validation.get("stopped_early"):
+        why += f"; stopped early after {validation['patience']} validations without improvement"
+    rows = f"{validation['rows']} validation rows, every {validation['eval_steps']} steps"
     return f"{head}: {why} ({rows})"
 
 
-def grpo_validation_lines(v: dict[str, Any]) -> list[str]:
+def grpo_validation_lines(validation: dict[str, Any]) -> list[str]:
     """Markdown: the selection sentence and the validation curve table."""
-    lines = [grpo_selection_summary(v) + ".", ""]
+    lines = [grpo_selection_summary(validation) + ".", ""]
     lines += [
         "Validation with the clean latent (no noise) on a fixed subset of the validation "
         "split: mean reward (-perplexity of the target) and NLL per target token.",
@@ -205,28 +237,30 @@ def grpo_validation_lines(v: dict[str, Any]) -> list[str]:
         "| step | reward | NLL | |",
         "|---|---|---|---|",
     ]
-    for c in v.get("curve") or []:
-        mark = "**kept**" if c["step"] == v["selected_step"] else ""
-        lines.append(f"| {c['step']} | {c['val_reward']:.4f} | {c['val_nll']:.4f} | {mark} |")
+    for point in validation.get("curve") or []:
+        mark = "**kept**" if point["step"] == validation["selected_step"] else ""
+        lines.append(
+            f"| {point['step']} | {point['val_reward']:.4f} | {point['val_nll']:.4f} | {mark} |"
+        )
     return lines
 
 
 def swap_gap_words(gap: float) -> str:
     """The swap test's relative gap in words (``gap`` = swapped/own NLL - 1)."""
-    pct = f"{100 * gap:+.2f} %"
+    percent = f"{100 * gap:+.2f} %"
     if abs(gap) < 0.005:
         return (
-            f"gap {pct}: the loss does not change when the latent of another row is used, so "
+            f"gap {percent}: the loss does not change when the latent of another row is used, so "
             "the latent carries no information about this user; the model uses the thought "
             "slot as one constant extra token."
         )
     if gap > 0:
         return (
-            f"gap {pct}: another row's latent makes the target less likely, so the latent "
+            f"gap {percent}: another row's latent makes the target less likely, so the latent "
             "carries information about this user."
         )
     return (
-        f"gap {pct}: another row's latent makes the target MORE likely; the latent hurts "
+        f"gap {percent}: another row's latent makes the target MORE likely; the latent hurts "
         "(for example after a GRPO run that raised the validation loss)."
     )
 
@@ -244,6 +278,95 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _plot_sft_loss(plt: Any, logs: dict[str, list[dict[str, Any]]]) -> Any:
+    """Train and validation loss of every SFT stage, or None without SFT logs."""
+    sft_stages = [stage for stage in logs if stage.startswith("sft")]
+    if not sft_stages:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for stage in sft_stages:
+        records = logs[stage]
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and "step" in r]
+        if train:
+            ax.plot(*zip(*train), label=f"{stage} train", alpha=0.7)
+        if val:
+            ax.plot(*zip(*val), "o-", label=f"{stage} validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("target-token NLL")
+    ax.set_title("SFT loss")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_grpo(plt: Any, grpo: list[dict[str, Any]]) -> Any:
+    """GRPO reward (paper Eq. 6: -perplexity) and advantage per step, or None without steps."""
+    steps = [r for r in grpo if "reward_clean_mean" in r]
+    if not steps:
+        return None
+    fig, (reward_ax, advantage_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    x = [r["step"] for r in steps]
+    reward_ax.plot(x, [r["reward_clean_mean"] for r in steps], label="clean latent (k=0)")
+    reward_ax.plot(x, [r.get("reward_noisy_mean", float("nan")) for r in steps], label="noisy")
+    val = [(r["step"], r["val_reward"]) for r in grpo if "val_reward" in r and "step" in r]
+    if val:
+        reward_ax.plot(*zip(*val), "o-", label="validation (clean)")
+    reward_ax.set_title("GRPO reward (-perplexity)")
+    reward_ax.set_xlabel("optimizer step")
+    reward_ax.legend(fontsize=7)
+    advantage_ax.plot(x, [r.get("adv_abs_mean", float("nan")) for r in steps], label="|A| mean")
+    advantage_ax.plot(x, [r.get("adv_mean", float("nan")) for r in steps], label="A mean")
+    advantage_ax.set_title("advantage")
+    advantage_ax.set_xlabel("optimizer step")
+    advantage_ax.legend(fontsize=7)
+    return fig
+
+
+_BAR_WIDTH = 0.4
+
+
+def _plot_metrics(plt: Any, results: Sequence[dict]) -> Any:
+    """HR@10 and NDCG@10 bars per (model, scoring)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r['model']}\n{r['scoring']}" for r in results]
+    xs = range(len(results))
+    ax.bar(
+        [i - _BAR_WIDTH / 2 for i in xs],
+        [r.get("HR@10", 0) for r in results],
+        _BAR_WIDTH,
+        label="HR@10",
+    )
+    ax.bar(
+        [i + _BAR_WIDTH / 2 for i in xs],
+        [r.get("NDCG@10", 0) for r in results],
+        _BAR_WIDTH,
+        label="NDCG@10",
+    )
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=6)
+    ax.legend(fontsize=7)
+    ax.set_title("test metrics")
+    return fig
+
+
+def _plot_groups(plt: Any, results: Sequence[dict]) -> Any:
+    """NDCG@10 per popularity group (paper Sec. 4.3.1), or None without group metrics."""
+    grouped = [r for r in results if r.get("groups")]
+    if not grouped:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    groups = sorted({group for r in grouped for group in r["groups"]})
+    for j, group in enumerate(groups):
+        values = [r["groups"].get(group, {}).get("NDCG@10", 0) for r in grouped]
+        positions = [i + (j - 0.5) * _BAR_WIDTH for i in range(len(grouped))]
+        ax.bar(positions, values, _BAR_WIDTH, label=group)
+    ax.set_xticks(list(range(len(grouped))))
+    ax.set_xticklabels([f"{r['model']}\n{r['scoring']}" for r in grouped], fontsize=6)
+    ax.set_title("NDCG@10 by popularity group")
+    ax.legend(fontsize=7)
+    return fig
+
+
 def make_plots(
     out_dir: Path, logs: dict[str, list[dict[str, Any]]], results: Sequence[dict]
 ) -> tuple[list[str], str | None]:
@@ -258,79 +381,20 @@ def make_plots(
         import matplotlib.pyplot as plt
     except ImportError:
         return [], "matplotlib is not installed: plots skipped (pip install matplotlib)"
+    figures = [
+        ("sft_loss.png", _plot_sft_loss(plt, logs)),
+        ("grpo_reward.png", _plot_grpo(plt, logs.get("grpo", []))),
+    ]
+    if results:
+        figures.append(("metrics.png", _plot_metrics(plt, results)))
+        figures.append(("popularity_groups.png", _plot_groups(plt, results)))
     files: list[str] = []
-
-    def save(fig, name: str) -> None:
+    for name, fig in figures:
+        if fig is None:
+            continue
         path = out_dir / name
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         files.append(str(path))
-
-    sft_stages = [s for s in logs if s.startswith("sft")]
-    if sft_stages:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for stage in sft_stages:
-            recs = logs[stage]
-            train = [(r["step"], r["loss"]) for r in recs if "loss" in r and "step" in r]
-            val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r and "step" in r]
-            if train:
-                ax.plot(*zip(*train), label=f"{stage} train", alpha=0.7)
-            if val:
-                ax.plot(*zip(*val), "o-", label=f"{stage} validation")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("target-token NLL")
-        ax.set_title("SFT loss")
-        ax.legend(fontsize=7)
-        save(fig, "sft_loss.png")
-    grpo = logs.get("grpo", [])
-    steps = [r for r in grpo if "reward_clean_mean" in r]
-    if steps:
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        x = [r["step"] for r in steps]
-        ax[0].plot(x, [r["reward_clean_mean"] for r in steps], label="clean latent (k=0)")
-        ax[0].plot(x, [r.get("reward_noisy_mean", float("nan")) for r in steps], label="noisy")
-        val = [(r["step"], r["val_reward"]) for r in grpo if "val_reward" in r and "step" in r]
-        if val:
-            ax[0].plot(*zip(*val), "o-", label="validation (clean)")
-        ax[0].set_title("GRPO reward (-perplexity)")
-        ax[0].set_xlabel("optimizer step")
-        ax[0].legend(fontsize=7)
-        ax[1].plot(x, [r.get("adv_abs_mean", float("nan")) for r in steps], label="|A| mean")
-        ax[1].plot(x, [r.get("adv_mean", float("nan")) for r in steps], label="A mean")
-        ax[1].set_title("advantage")
-        ax[1].set_xlabel("optimizer step")
-        ax[1].legend(fontsize=7)
-        save(fig, "grpo_reward.png")
-    if results:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        labels = [f"{r['model']}\n{r['scoring']}" for r in results]
-        width = 0.4
-        xs = range(len(results))
-        ax.bar(
-            [i - width / 2 for i in xs], [r.get("HR@10", 0) for r in results], width, label="HR@10"
-        )
-        ax.bar(
-            [i + width / 2 for i in xs],
-            [r.get("NDCG@10", 0) for r in results],
-            width,
-            label="NDCG@10",
-        )
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=6)
-        ax.legend(fontsize=7)
-        ax.set_title("test metrics")
-        save(fig, "metrics.png")
-        grouped = [r for r in results if r.get("groups")]
-        if grouped:
-            fig, ax = plt.subplots(figsize=(7, 3.5))
-            groups = sorted({g for r in grouped for g in r["groups"]})
-            for j, g in enumerate(groups):
-                vals = [r["groups"].get(g, {}).get("NDCG@10", 0) for r in grouped]
-                ax.bar([i + (j - 0.5) * width for i in range(len(grouped))], vals, width, label=g)
-            ax.set_xticks(list(range(len(grouped))))
-            ax.set_xticklabels([f"{r['model']}\n{r['scoring']}" for r in grouped], fontsize=6)
-            ax.set_title("NDCG@10 by popularity group")
-            ax.legend(fontsize=7)
-            save(fig, "popularity_groups.png")
     return files, None

@@ -114,7 +114,7 @@ def test_backoff_kcore_samples_split(raw, tmp_path):
     ds = load_dataset(out)
     assert ds.name == rep.name and ds.category == "Tst"
     asins = sorted([f"A{i}" for i in range(6)] + [f"B{i}" for i in range(5)])
-    random.Random(42).shuffle(asins)  # SPEC step 7
+    random.Random(42).shuffle(asins)  # step 7: ids from a seeded shuffle
     assert ds.items.titles == [CLEAN[a] for a in asins]
     idx = {a: k for k, a in enumerate(asins)}
     rows = ds.train + ds.valid + ds.test

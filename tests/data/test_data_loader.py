@@ -62,7 +62,7 @@ def test_shared_datasets(shared_data, folder, name, counts, items, category):
         # CPU time: wall time on the shared 2-core machine depends on the other jobs' load.
         assert cpu < 10.0
         assert ds.category_word == "musics"
-        assert len(ds.items.ids_by_title) == 5377  # SPEC: 5377 distinct titles
+        assert len(ds.items.ids_by_title) == 5377  # the reference data's 5377 distinct titles
         assert len(ds.items.ids("Greatest Hits")) == 54
         s = ds.train[1]  # second data row of the rebuilt train file, checked by eye
         assert s.history_ids == (2956,) and s.history_titles == ("Doris Day's Greatest Hits",)
@@ -169,6 +169,13 @@ def _set_cell(path: Path, row: int, column: str, value: str) -> None:
     path.write_text(buf.getvalue(), encoding="utf-8")
 
 
+def _load_error(layout_dir: Path) -> str:
+    """The message of the DataError that loading ``layout_dir`` raises."""
+    with pytest.raises(DataError) as e:
+        load_dataset(layout_dir)
+    return str(e.value)
+
+
 def test_missing_split_file(layout_dir):
     _csv(layout_dir, "test").unlink()
     with pytest.raises(DataError, match=r"test.*missing test split file"):
@@ -184,51 +191,51 @@ def test_missing_info(layout_dir):
 def test_missing_column(layout_dir):
     p = _csv(layout_dir)
     _edit_row(p, 0, ",history_item_title,", ",history_titles,")
-    with pytest.raises(DataError) as e:
-        load_dataset(layout_dir)
-    msg = str(e.value)
+    msg = _load_error(layout_dir)
     assert str(p) in msg and "row 0" in msg and "history_item_title" in msg
 
 
 def test_malformed_list_literal(layout_dir):
     p = _csv(layout_dir)
     _set_cell(p, 3, "history_item_title", "['Unclosed Title', 'x'")
-    with pytest.raises(DataError) as e:
-        load_dataset(layout_dir)
-    msg = str(e.value)
+    msg = _load_error(layout_dir)
     assert str(p) in msg and "row 3 (line 4)" in msg and "column history_item_title" in msg
     assert "malformed list literal" in msg
-
-
-def test_malformed_unused_list_column(layout_dir):
-    p = _csv(layout_dir)
-    _set_cell(p, 2, "history_rating", "[5.0)")
-    with pytest.raises(DataError, match=r"row 2 .*column history_rating: malformed"):
-        load_dataset(layout_dir)
 
 
 def test_item_id_not_in_info(layout_dir):
     p = _csv(layout_dir, "train")
     _set_cell(p, 5, "history_item_id", "[40]")  # 40 items: ids 0..39
     _set_cell(p, 5, "history_item_title", "['T']")
-    with pytest.raises(DataError) as e:
-        load_dataset(layout_dir)
-    msg = str(e.value)
+    msg = _load_error(layout_dir)
     assert str(p) in msg and "row 5" in msg and "column history_item_id" in msg
     assert "item id 40 not in the info file" in msg
 
 
-def test_target_id_not_in_info(layout_dir):
-    p = layout_dir / "test" / f"{NAME}.csv"
-    _set_cell(p, 1, "item_id", "999")
-    with pytest.raises(DataError, match=r"row 1 \(line 2\), column item_id: item id 999 not in"):
-        load_dataset(layout_dir)
-
-
-def test_empty_history(layout_dir):
-    p = _csv(layout_dir)
-    _set_cell(p, 1, "history_item_id", "[]")
-    with pytest.raises(DataError, match=r"row 1 \(line 2\), column history_item_id: empty history"):
+@pytest.mark.parametrize(
+    "split, row, column, value, message",
+    [
+        ("valid", 2, "history_rating", "[5.0)", r"row 2 .*column history_rating: malformed"),
+        (
+            "test",
+            1,
+            "item_id",
+            "999",
+            r"row 1 \(line 2\), column item_id: item id 999 not in",
+        ),
+        (
+            "valid",
+            1,
+            "history_item_id",
+            "[]",
+            r"row 1 \(line 2\), column history_item_id: empty history",
+        ),
+    ],
+    ids=["malformed_unused_list_column", "target_id_not_in_info", "empty_history"],
+)
+def test_bad_cell(layout_dir, split, row, column, value, message):
+    _set_cell(_csv(layout_dir, split), row, column, value)
+    with pytest.raises(DataError, match=message):
         load_dataset(layout_dir)
 
 
@@ -237,9 +244,7 @@ def test_non_utf8_bytes(layout_dir):
     raw = p.read_bytes().split(b"\n")
     raw[4] = raw[4].replace(b"Vol", b"V\xffl", 1) if b"Vol" in raw[4] else raw[4] + b"\xff"
     p.write_bytes(b"\n".join(raw))
-    with pytest.raises(DataError) as e:
-        load_dataset(layout_dir)
-    msg = str(e.value)
+    msg = _load_error(layout_dir)
     assert str(p) in msg and "line 5" in msg and "invalid UTF-8" in msg
 
 

@@ -1,4 +1,4 @@
-"""Prompt/target construction: byte-exact reference strings (SPEC section 2), separate segment
+"""Prompt/target construction: byte-exact reference (BIGRec/D³) strings, separate segment
 encoding, truncation, label masking; plus tokenization fidelity with the real Qwen tokenizer."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from latentr3_fast.data import (
 from latentr3_fast.data.tokenizer import dataset_corpus
 from latentr3_fast.errors import ConfigError
 
-# Literal strings of SPEC section 2 with C = "musics" (CDs_and_Vinyl), written out by hand.
+# Literal reference prompt strings with C = "musics" (CDs_and_Vinyl), written out by hand.
 SEG_A_MUSICS = (
     "Below is an instruction that describes a task, paired with an input that provides further"
     " context. Write a response that appropriately completes the request. \n\n"
@@ -45,7 +45,7 @@ def test_reference_segments_byte_exact(tok):
     assert pb.segment_b(["Hot Rocks", "Greatest Hits"]) == SEG_B_TWO
     assert pb.prompt_text(["Hot Rocks", "Greatest Hits"]) == SEG_A_MUSICS + SEG_B_TWO
     assert pb.target_text("Abbey Road") == '"Abbey Road"\n'
-    # The word may also be passed directly, and other categories follow SPEC's table.
+    # The word may also be passed directly, and other categories follow the reference's table.
     assert PromptBuilder(tok, "musics").segment_a() == SEG_A_MUSICS
     vg = PromptBuilder(tok, "Video_Games").segment_b(["A"])
     expected = (

@@ -1,4 +1,4 @@
-"""RecBole atomic files -> RecDataset (SPEC sample construction), against hand-derived samples."""
+"""RecBole atomic files -> RecDataset (samples as in paper App. A), against hand-derived samples."""
 
 from __future__ import annotations
 

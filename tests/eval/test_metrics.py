@@ -1,4 +1,4 @@
-"""Metrics (SPEC section 6) against hand-computed values."""
+"""Metrics (HR@K, NDCG@K: paper Sec. 4.1) against hand-computed values."""
 
 from __future__ import annotations
 
