@@ -7,13 +7,9 @@ from typing import Any
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .reasoner import (
-    THOUGHT_TOKEN,
-    LatentReasoner,
-    default_attn_implementation,
-    resolve_device,
-    resolve_dtype,
-)
+from ..data import THOUGHT_TOKEN
+from .loading import default_attn_implementation, resolve_device, resolve_dtype
+from .reasoner import LatentReasoner
 
 __all__ = ["tiny_qwen2"]
 

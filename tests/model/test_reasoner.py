@@ -315,16 +315,18 @@ def test_gradient_checkpointing_same_gradients(tokenizer, n):
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_recommend_method_matches_function(tokenizer):
-    """``reasoner.recommend`` is the decode-layer ``recommend`` bound to the model."""
+def test_recommend_takes_the_reasoner(tokenizer):
+    """``latentr3_fast.decode.recommend(model, ...)`` is the one entry point: the model layer
+    does not import decode (no ``reasoner.recommend`` method)."""
     from latentr3_fast.data import make_synthetic
     from latentr3_fast.decode import recommend
 
     ds = make_synthetic(num_items=30, num_users=20, seed=3)
     tok = train_tokenizer([t + "\n" for t in ds.items.titles] * 3, vocab_size=300)
     model = tiny_qwen2(tok, hidden_size=32, seed=2).eval()
+    assert not hasattr(model, "recommend")
     histories = [list(s.history_titles) for s in ds.test[:2]]
-    a = model.recommend(histories, k=3, catalog=ds, num_beams=4)
+    a = recommend(model, histories, k=3, catalog=ds, num_beams=4)
     b = recommend(model, histories, 3, catalog=ds, num_beams=4)
     assert a == b
     assert all(len(row) == 3 for row in a)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# bench/ (not a package) holds the reference implementations the tests compare against
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 TITLES = [
     "Greatest Hits",

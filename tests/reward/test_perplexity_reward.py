@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
+from reference_reward import plain_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import latentr3_fast.ops
 from latentr3_fast.errors import ConfigError, DataError
-from latentr3_fast.reward import PerplexityReward, grpo_advantage, plain_logprobs
+from latentr3_fast.reward import PerplexityReward, grpo_advantage
 
 ATOL = 1e-5
 RTOL = 1e-5
