@@ -39,6 +39,13 @@ from torch import nn
 
 from .errors import ConfigError, DataError
 from .model import prefix_scoring
+from .model.scoring_inputs import (
+    check_cache,
+    check_extra,
+    check_prompts,
+    check_targets,
+    row_prompt_index,
+)
 from .ops import grpo_advantage, mean_logprob, ppl_reward
 from .ops.reward import masked_target_logprobs
 
@@ -46,151 +53,6 @@ __all__ = ["PerplexityReward", "grpo_advantage", "make_trl_reward"]
 
 _REWARD_KINDS = ("neg_ppl", "mean_logprob")
 _WHO = "PerplexityReward"
-
-
-def _check_cache(cache: Any, expected_len: int) -> None:
-    """Reject cache types the row expansion cannot handle, and a cache the model did not fill."""
-    for layer in getattr(cache, "layers", []):
-        name = type(layer).__name__
-        if "Linear" in name or "Static" in name or "Quantized" in name:
-            raise ConfigError(
-                f"{_WHO}: cache layer type {name} is not supported "
-                "(expanding and padding a linear-attention/static/quantized cache); "
-                "use a model with plain (sliding-window) attention"
-            )
-    if cache.get_seq_length() != expected_len:
-        raise ConfigError(
-            f"{_WHO}: the model did not fill the KV cache (length "
-            f"{cache.get_seq_length()}, expected {expected_len}). Gradient checkpointing "
-            "in training mode disables the cache: call model.eval() (or run the reward "
-            "under torch.no_grad()), or disable gradient checkpointing"
-        )
-
-
-def _check_prompts(
-    prompt_ids: torch.Tensor | None,
-    prompt_embeds: torch.Tensor | None,
-    prompt_mask: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """The ``[P, Lp]`` long prompt mask on ``device``, after checking shapes and left padding."""
-    if (prompt_ids is None) == (prompt_embeds is None):
-        raise ConfigError(f"{_WHO}: pass exactly one of prompt_ids / prompt_embeds")
-    if prompt_ids is not None:
-        if prompt_ids.dim() != 2:
-            raise ConfigError(f"{_WHO}: prompt_ids must be [P, Lp], got {tuple(prompt_ids.shape)}")
-        shape = tuple(prompt_ids.shape)
-    else:
-        if prompt_embeds.dim() != 3:
-            raise ConfigError(
-                f"{_WHO}: prompt_embeds must be [P, Lp, d], got {tuple(prompt_embeds.shape)}"
-            )
-        shape = tuple(prompt_embeds.shape[:2])
-    if shape[0] == 0 or shape[1] == 0:
-        raise DataError(f"{_WHO}: empty prompt batch {shape}")
-    if prompt_mask is None:
-        prompt_mask = torch.ones(shape, dtype=torch.long, device=device)
-    if tuple(prompt_mask.shape) != shape:
-        raise ConfigError(f"{_WHO}: prompt_mask must be {shape}, got {tuple(prompt_mask.shape)}")
-    prompt_mask = prompt_mask.to(device).long()
-    if not bool((prompt_mask[:, -1] == 1).all()):
-        row = int((prompt_mask[:, -1] != 1).nonzero()[0, 0])
-        raise DataError(
-            f"{_WHO}: prompt_mask row {row} does not end with a real token; "
-            "prompts must be LEFT-padded and non-empty"
-        )
-    return prompt_mask
-
-
-def _row_prompt_index(
-    num_prompts: int,
-    num_generations: int,
-    prompt_index: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """``[R]`` long: the prompt of every row (``num_generations`` consecutive rows by default)."""
-    if prompt_index is None:
-        if int(num_generations) < 1:
-            raise ConfigError(f"{_WHO}: num_generations must be >= 1, got {num_generations}")
-        return torch.arange(num_prompts, device=device).repeat_interleave(int(num_generations))
-    prompt_index = prompt_index.to(device).long()
-    if prompt_index.dim() != 1:
-        raise ConfigError(f"{_WHO}: prompt_index must be [R]")
-    if prompt_index.numel() and (
-        int(prompt_index.min()) < 0 or int(prompt_index.max()) >= num_prompts
-    ):
-        raise DataError(f"{_WHO}: prompt_index values must lie in [0, {num_prompts})")
-    return prompt_index
-
-
-def _check_targets(
-    target_ids: torch.Tensor | None,
-    target_mask: torch.Tensor | None,
-    prompt_index: torch.Tensor,
-    num_prompts: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[R, T]`` long target ids and mask (``[P, T]`` repeated to rows), right padding checked."""
-    if target_ids is None:
-        raise ConfigError(f"{_WHO}: target_ids is required")
-    if target_ids.dim() != 2 or target_ids.shape[1] == 0:
-        raise ConfigError(f"{_WHO}: target_ids must be [R, T>0], got {tuple(target_ids.shape)}")
-    rows, device = prompt_index.numel(), prompt_index.device
-    if target_mask is None:
-        target_mask = torch.ones_like(target_ids)
-    if target_mask.shape != target_ids.shape:
-        raise ConfigError(
-            f"{_WHO}: target_mask must be {tuple(target_ids.shape)}, got {tuple(target_mask.shape)}"
-        )
-    target_ids, target_mask = target_ids.to(device).long(), target_mask.to(device).long()
-    if target_ids.shape[0] == num_prompts and rows != num_prompts:
-        target_ids = target_ids[prompt_index]
-        target_mask = target_mask[prompt_index]
-    if target_ids.shape[0] != rows:
-        raise ConfigError(
-            f"{_WHO}: target_ids has {target_ids.shape[0]} rows, expected "
-            f"R={rows} (or P={num_prompts})"
-        )
-    if bool((target_mask[:, 1:] > target_mask[:, :-1]).any()):
-        row = int((target_mask[:, 1:] > target_mask[:, :-1]).any(dim=1).nonzero()[0, 0])
-        raise DataError(f"{_WHO}: target_mask row {row} is not RIGHT-padded")
-    if bool((target_mask[:, 0] == 0).any()):
-        row = int((target_mask[:, 0] == 0).nonzero()[0, 0])
-        raise DataError(f"{_WHO}: target row {row} has no target token")
-    return target_ids, target_mask
-
-
-def _check_extra(
-    extra_embeds: torch.Tensor | None, extra_mask: torch.Tensor | None, rows: int, device
-) -> torch.Tensor:
-    """The ``[R, N]`` long mask of the extra tokens (``N = 0`` without them)."""
-    if extra_embeds is not None and (extra_embeds.dim() != 3 or extra_embeds.shape[0] != rows):
-        raise ConfigError(
-            f"{_WHO}: extra_embeds must be [R={rows}, N, d], got {tuple(extra_embeds.shape)}"
-        )
-    num_extra = 0 if extra_embeds is None else extra_embeds.shape[1]
-    if extra_mask is None:
-        extra_mask = torch.ones(rows, num_extra, dtype=torch.long, device=device)
-    if tuple(extra_mask.shape) != (rows, num_extra):
-        raise ConfigError(
-            f"{_WHO}: extra_mask must be [{rows}, {num_extra}], got {tuple(extra_mask.shape)}"
-        )
-    return extra_mask.to(device).long()
-
-
-def _predicting_hidden(
-    hidden: torch.Tensor, suffix_mask: torch.Tensor, num_extra: int, target_len: int
-) -> torch.Tensor:
-    """``[R, T, d]``: the suffix states that predict each target token.
-
-    ``target[0]`` is predicted by the last real token of ``[prompt_last, extra...]``;
-    ``target[j > 0]`` by the fed ``target[j-1]`` at suffix index ``num_extra + j``.
-    """
-    rows, device = hidden.shape[0], hidden.device
-    lead_mask = suffix_mask[:, : 1 + num_extra]
-    lead = (torch.arange(1 + num_extra, device=device) * lead_mask).max(dim=1).values
-    following = num_extra + torch.arange(1, target_len, device=device).expand(rows, target_len - 1)
-    index = torch.cat([lead[:, None], following], dim=1)
-    return hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
 class PerplexityReward(nn.Module):
@@ -286,15 +148,15 @@ class PerplexityReward(nn.Module):
             grad mode is on; with ``return_logprobs`` a tuple ``(rewards, logp)``.
         """
         device = self.device
-        prompt_mask = _check_prompts(prompt_ids, prompt_embeds, prompt_mask, device)
-        prompt_index = _row_prompt_index(
-            prompt_mask.shape[0], num_generations, prompt_index, device
+        prompt_mask = check_prompts(prompt_ids, prompt_embeds, prompt_mask, device, _WHO)
+        num_prompts = prompt_mask.shape[0]
+        prompt_index = row_prompt_index(num_prompts, num_generations, prompt_index, device, _WHO)
+        rows = prompt_index.numel()
+        target_ids, target_mask = check_targets(
+            target_ids, target_mask, prompt_index, num_prompts, _WHO
         )
-        target_ids, target_mask = _check_targets(
-            target_ids, target_mask, prompt_index, prompt_mask.shape[0]
-        )
-        extra_embeds = self._extra_embeds(extra_ids, extra_embeds, prompt_index.numel())
-        extra_mask = _check_extra(extra_embeds, extra_mask, prompt_index.numel(), device)
+        extra_embeds = self._extra_embeds(extra_ids, extra_embeds, rows)
+        extra_mask = check_extra(extra_embeds, extra_mask, rows, device, _WHO)
         grad_prompt = self.grad_prompt
         if grad_prompt is None:
             grad_prompt = prompt_embeds is not None and prompt_embeds.requires_grad
@@ -369,7 +231,7 @@ class PerplexityReward(nn.Module):
             prefix_scoring.encode_prefix(
                 self.decoder, self._cache_kw, cache, prefix_mask, inputs_embeds=prefix
             )
-        _check_cache(cache, prompt_len - 1)
+        check_cache(cache, prompt_len - 1, _WHO)
         # row r attends to prompt prompt_index[r]'s keys/values
         if prompt_index.numel() != num_prompts or not torch.equal(
             prompt_index, torch.arange(num_prompts, device=device)
@@ -424,8 +286,10 @@ class PerplexityReward(nn.Module):
         if cache is not None:
             # A model that silently drops the cache (e.g. HF gradient checkpointing in training
             # mode) would score the suffix without the prompt.
-            _check_cache(cache, past_mask.shape[1] + suffix.shape[1])
-        return _predicting_hidden(hidden, suffix_mask, num_extra, target_ids.shape[1])
+            check_cache(cache, past_mask.shape[1] + suffix.shape[1], _WHO)
+        return prefix_scoring.predicting_states(
+            hidden, suffix_mask, 1 + num_extra, target_ids.shape[1]
+        )
 
     # ------------------------------------------------------------------ text API
     def score_texts(
@@ -536,6 +400,33 @@ def _message_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def _render_prompt(prompt: Any, tokenizer: Any, has_template: bool, who: str) -> tuple[str, bool]:
+    """``(text, add_special_tokens)`` of a plain or conversational TRL prompt."""
+    if isinstance(prompt, str):
+        return prompt, True
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        if has_template:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return text, False
+        lines = [f"{m.get('role', 'user')}: {_message_text(m.get('content'))}\n" for m in prompt]
+        return "".join(lines) + "assistant: ", True
+    raise DataError(
+        f"{who}: a prompt must be a string or a list of {{'role','content'}} messages, "
+        f"got {type(prompt).__name__}"
+    )
+
+
+def _render_completion(completion: Any, who: str) -> str:
+    """The text of a plain or conversational (its messages' contents) TRL completion."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(
+            _message_text(m.get("content")) if isinstance(m, dict) else str(m) for m in completion
+        )
+    raise DataError(f"{who}: a completion must be a string or a list of messages")
+
+
 def make_trl_reward(
     model: nn.Module,
     tokenizer: Any,
@@ -575,34 +466,6 @@ def make_trl_reward(
     scorer = PerplexityReward(model, tokenizer, temperature=temperature, reward=reward)
     has_template = bool(getattr(tokenizer, "chat_template", None))
 
-    def render_prompt(prompt: Any) -> tuple[str, bool]:
-        if isinstance(prompt, str):
-            return prompt, True
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            if has_template:
-                text = tokenizer.apply_chat_template(
-                    prompt, tokenize=False, add_generation_prompt=True
-                )
-                return text, False
-            lines = [
-                f"{m.get('role', 'user')}: {_message_text(m.get('content'))}\n" for m in prompt
-            ]
-            return "".join(lines) + "assistant: ", True
-        raise DataError(
-            f"{name}: a prompt must be a string or a list of {{'role','content'}} messages, "
-            f"got {type(prompt).__name__}"
-        )
-
-    def render_completion(completion: Any) -> str:
-        if isinstance(completion, str):
-            return completion
-        if isinstance(completion, list):
-            return "".join(
-                _message_text(m.get("content")) if isinstance(m, dict) else str(m)
-                for m in completion
-            )
-        raise DataError(f"{name}: a completion must be a string or a list of messages")
-
     def reward_fn(prompts: list, completions: list, **kwargs: Any) -> list[float]:
         if target_column not in kwargs:
             raise DataError(
@@ -615,10 +478,10 @@ def make_trl_reward(
                 f"{name}: {len(prompts)} prompts, {len(completions)} completions, "
                 f"{len(targets)} {target_column!r} values"
             )
-        rendered = [render_prompt(p) for p in prompts]
+        rendered = [_render_prompt(p, tokenizer, has_template, name) for p in prompts]
         texts = [r[0] for r in rendered]
         special = rendered[0][1] if rendered else True
-        comps = [render_completion(c) + answer_prefix for c in completions]
+        comps = [_render_completion(c, name) + answer_prefix for c in completions]
         answers = [_message_text(t) + answer_suffix for t in targets]
         was_training = model.training
         model.eval()

@@ -34,6 +34,7 @@ __all__ = [
     "encode_prefix",
     "logit_temperature",
     "new_cache",
+    "predicting_states",
     "run_decoder",
     "target_logprobs",
 ]
@@ -191,6 +192,28 @@ def continue_on_cache(
         cache,
         inputs_embeds=suffix_embeds,
     )
+
+
+def predicting_states(
+    hidden: torch.Tensor, suffix_mask: torch.Tensor, num_lead: int, target_len: int
+) -> torch.Tensor:
+    """The suffix states that predict each target token, for a suffix
+    ``[lead tokens..., target[:-1]]`` (lead: e.g. the prompt's last token and extra tokens).
+
+    ``target[0]`` is predicted by the last real lead token; ``target[j > 0]`` by the fed
+    ``target[j-1]`` at suffix index ``num_lead - 1 + j``.
+
+    Args:
+        hidden: ``[R, S, d]`` suffix hidden states; ``suffix_mask``: ``[R, S]``.
+        num_lead: lead tokens before the targets (the first one real in every row).
+    Returns:
+        ``[R, T, d]`` with ``T = target_len``.
+    """
+    rows, device = hidden.shape[0], hidden.device
+    lead = (torch.arange(num_lead, device=device) * suffix_mask[:, :num_lead]).max(dim=1).values
+    following = num_lead - 1 + torch.arange(1, target_len, device=device)
+    index = torch.cat([lead[:, None], following.expand(rows, target_len - 1)], dim=1)
+    return hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
 def target_logprobs(
