@@ -47,7 +47,6 @@ from .model.scoring_inputs import (
     row_prompt_index,
 )
 from .ops import grpo_advantage, mean_logprob, ppl_reward
-from .ops.reward import masked_target_logprobs
 
 __all__ = ["PerplexityReward", "grpo_advantage", "make_trl_reward"]
 
@@ -172,15 +171,16 @@ class PerplexityReward(nn.Module):
             target_ids,
             target_mask,
         )
-        keep = target_mask != 0
-        logp = masked_target_logprobs(
+        logp = prefix_scoring.target_logprobs(
             hidden,
             self.head.weight,
-            target_ids,
-            keep,
             getattr(self.head, "bias", None),
-            temperature=self.temperature,
+            target_ids,
+            target_mask,
+            self.temperature,
+            skip_padding=True,
         )
+        keep = target_mask != 0
         reward = ppl_reward(logp, keep) if self.reward == "neg_ppl" else mean_logprob(logp, keep)
         return (reward, logp) if return_logprobs else reward
 

@@ -10,9 +10,16 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ..data import THOUGHT_TOKEN
 from ..errors import ConfigError
 
-__all__ = ["default_attn_implementation", "load_tokenizer", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "default_attn_implementation",
+    "load_tokenizer",
+    "prepare_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -71,3 +78,12 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
         if tok_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
             return PreTrainedTokenizerFast.from_pretrained(str(path))
     return AutoTokenizer.from_pretrained(str(name_or_path))
+
+
+def prepare_tokenizer(tokenizer: Any) -> None:
+    """Give ``tokenizer`` what the reasoner needs: a pad token (EOS when missing, as Qwen) and
+    the thought token (paper Sec. 3.1: the slot of the latent reasoning tokens in the prompt)."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if THOUGHT_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([THOUGHT_TOKEN], special_tokens=True)

@@ -223,6 +223,8 @@ def target_logprobs(
     target_ids: torch.Tensor,
     target_mask: torch.Tensor,
     temperature: float = 1.0,
+    *,
+    skip_padding: bool = False,
 ) -> torch.Tensor:
     """Log-probs of the target tokens through the fused LM head (step 3).
 
@@ -231,12 +233,22 @@ def target_logprobs(
         head_weight: ``[V, d]``; ``head_bias``: ``[V]`` or None.
         target_ids, target_mask: ``[B, T]`` (mask 1 = real target token).
         temperature: of the softmax, the model's final-logit scale already folded in.
+        skip_padding: gather the real positions first so padding never reaches the head (the
+            drop-in reward); otherwise every position goes through the op with padding as
+            ``ignore_index`` (the reasoner: the path its training numbers were measured with).
     Returns:
         ``[B, T]`` float32, 0 where ``target_mask`` is 0.
     """
     from ..ops import fused_linear_logprob  # late: ops -> kernels is loaded on first use
 
     b, t, d = hidden.shape
+    if skip_padding:
+        keep = target_mask != 0
+        real = fused_linear_logprob(
+            hidden[keep], head_weight, target_ids[keep], head_bias, temperature=temperature
+        )
+        logp = torch.zeros(b, t, dtype=torch.float32, device=hidden.device)
+        return logp.masked_scatter(keep, real)
     targets = target_ids.masked_fill(~target_mask.bool(), -100)
     logp = fused_linear_logprob(
         hidden.reshape(b * t, d),

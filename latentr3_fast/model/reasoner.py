@@ -29,7 +29,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from ..data import THOUGHT_TOKEN
 from ..errors import ConfigError, LatentR3Error
 from . import checkpointing, prefix_scoring
-from .loading import default_attn_implementation, load_tokenizer, resolve_device, resolve_dtype
+from .loading import (
+    default_attn_implementation,
+    load_tokenizer,
+    prepare_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from .logits import final_logit_scale
 from .ratt import LatentRATT, last_index
 
@@ -90,10 +96,7 @@ class LatentReasoner(nn.Module):
         self.tokenizer = tokenizer
         self.num_latent = num_latent
         self.latent_mode = latent_mode
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if THOUGHT_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_tokens([THOUGHT_TOKEN], special_tokens=True)
+        prepare_tokenizer(tokenizer)
         self.thought_token_id = int(tokenizer.convert_tokens_to_ids(THOUGHT_TOKEN))
         if self.thought_token_id >= backbone.get_input_embeddings().weight.shape[0]:
             backbone.resize_token_embeddings(len(tokenizer))

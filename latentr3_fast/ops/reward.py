@@ -1,8 +1,8 @@
 """Tensor-level perplexity reward (paper Sec. 3.2.2, Eq. 6): ``s = -exp(-mean log p(y_i))``.
 
-The ops under the two reward modules (see ``latentr3_fast.reward`` for the naming):
 ``ppl_reward`` from per-token log-probs, ``perplexity_reward_from_hidden`` from the hidden states
-that predict the target tokens (through ``masked_target_logprobs``), ``mean_logprob``.
+that predict the target tokens, and ``mean_logprob``; see ``latentr3_fast.reward`` for how the
+three reward modules are named.
 """
 
 from __future__ import annotations
@@ -65,46 +65,19 @@ def perplexity_reward_from_hidden(
         ``[R]`` fp32 rewards ``-exp(-mean log p)``; only masked positions go through the fused
         head (padding costs nothing). Differentiable wrt ``hidden``.
     """
-    _check_hidden_targets(hidden, targets, mask, "perplexity_reward_from_hidden")
-    keep = mask != 0
-    logp = masked_target_logprobs(hidden, weight, targets, keep, bias, temperature=temperature)
-    return ppl_reward(logp, keep)
-
-
-def masked_target_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Per-token target log-probs, computed for the real (masked) positions only.
-
-    Args:
-        hidden: ``[R, T, d]`` hidden states that predict ``targets``.
-        weight: ``[V, d]`` LM-head weight; ``bias``: optional ``[V]``.
-        targets: ``[R, T]`` target ids; ``mask``: ``[R, T]`` 1 = real token.
-
-    Returns:
-        ``[R, T]`` fp32, 0 at padding (which never goes through the fused head).
-    """
-    _check_hidden_targets(hidden, targets, mask, "masked_target_logprobs")
+    if hidden.dim() != 3:
+        raise ConfigError(
+            f"perplexity_reward_from_hidden: hidden must be [R, T, d], got {tuple(hidden.shape)}"
+        )
+    if targets.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
+        raise ConfigError(
+            "perplexity_reward_from_hidden: targets and mask must be [R, T]="
+            f"{tuple(hidden.shape[:2])}, got {tuple(targets.shape)} and {tuple(mask.shape)}"
+        )
     keep = mask != 0
     flat = fused_linear_logprob(
         hidden[keep], weight, targets[keep].long(), bias, temperature=temperature
     )
     logp = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
-    return logp.masked_scatter(keep, flat)
-
-
-def _check_hidden_targets(
-    hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, fn: str
-) -> None:
-    if hidden.dim() != 3:
-        raise ConfigError(f"{fn}: hidden must be [R, T, d], got {tuple(hidden.shape)}")
-    if targets.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
-        raise ConfigError(
-            f"{fn}: targets and mask must be [R, T]={tuple(hidden.shape[:2])}, "
-            f"got {tuple(targets.shape)} and {tuple(mask.shape)}"
-        )
+    logp = logp.masked_scatter(keep, flat)
+    return ppl_reward(logp, keep)
