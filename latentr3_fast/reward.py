@@ -44,7 +44,10 @@ from .model.scoring_inputs import (
     check_extra,
     check_prompts,
     check_targets,
+    pad_token_lists,
+    prompt_chunks,
     row_prompt_index,
+    tokenize_texts,
 )
 from .ops import grpo_advantage, mean_logprob, ppl_reward
 
@@ -313,8 +316,8 @@ class PerplexityReward(nn.Module):
         Returns:
             ``[len(prompts)]`` fp32 rewards on the model's device (no autograd).
         """
-        tok = self.tokenizer
-        if tok is None:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
             raise ConfigError("PerplexityReward.score_texts needs a tokenizer (tokenizer=...)")
         if len(targets) != len(prompts) or (
             completions is not None and len(completions) != len(prompts)
@@ -323,70 +326,54 @@ class PerplexityReward(nn.Module):
                 f"PerplexityReward.score_texts: got {len(prompts)} prompts, {len(targets)} "
                 f"targets and {len(completions) if completions is not None else '-'} completions"
             )
-        uniq: dict[str, int] = {}
-        for p in prompts:
-            uniq.setdefault(p, len(uniq))
-        order = list(uniq)
-        p_ids = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in order]
-        for text, ids in zip(order, p_ids):
-            if not ids:
-                raise DataError(f"PerplexityReward.score_texts: prompt {text!r} has no tokens")
-        eos = [tok.eos_token_id] if append_eos else []
-        if append_eos and tok.eos_token_id is None:
-            raise ConfigError("PerplexityReward.score_texts: append_eos but tokenizer has no EOS")
-        t_ids = [tok(t, add_special_tokens=False)["input_ids"] + eos for t in targets]
-        for i, ids in enumerate(t_ids):
-            if not ids:
-                raise DataError(f"PerplexityReward.score_texts: target row {i} has no tokens")
-        c_ids = (
-            [tok(c, add_special_tokens=False)["input_ids"] if c else [] for c in completions]
-            if completions is not None
-            else None
+        prompt_number: dict[str, int] = {}  # distinct prompt text -> its prompt index
+        for text in prompts:
+            prompt_number.setdefault(text, len(prompt_number))
+        token_ids = tokenize_texts(
+            tokenizer,
+            list(prompt_number),
+            targets,
+            completions,
+            add_special_tokens,
+            append_eos,
+            "PerplexityReward.score_texts",
         )
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        rows_of: list[list[int]] = [[] for _ in order]
-        for r, p in enumerate(prompts):
-            rows_of[uniq[p]].append(r)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        rows_of_prompt: list[list[int]] = [[] for _ in prompt_number]
+        for row, text in enumerate(prompts):
+            rows_of_prompt[prompt_number[text]].append(row)
         out = torch.empty(len(prompts), dtype=torch.float32, device=self.device)
-        chunk: list[int] = []
-        n_rows = 0
-        for u in range(len(order) + 1):
-            if u < len(order) and (not chunk or n_rows + len(rows_of[u]) <= max_rows):
-                chunk.append(u)
-                n_rows += len(rows_of[u])
-                continue
-            if chunk:
-                self._score_chunk(chunk, rows_of, p_ids, t_ids, c_ids, pad, out)
-            chunk, n_rows = ([u], len(rows_of[u])) if u < len(order) else ([], 0)
+        for chunk in prompt_chunks(rows_of_prompt, max_rows):
+            self._score_chunk(chunk, rows_of_prompt, *token_ids, pad, out)
         return out
 
     @torch.no_grad()
-    def _score_chunk(self, chunk, rows_of, p_ids, t_ids, c_ids, pad, out) -> None:
-        dev = self.device
-
-        def pad_to(seqs, left):
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                if s:
-                    sl = slice(width - len(s), width) if left else slice(0, len(s))
-                    ids[i, sl] = torch.tensor(s, dtype=torch.long)
-                    mask[i, sl] = 1
-            return ids.to(dev), mask.to(dev)
-
-        rows = [r for u in chunk for r in rows_of[u]]
-        index = torch.tensor([k for k, u in enumerate(chunk) for _ in rows_of[u]], device=dev)
-        pi, pm = pad_to([p_ids[u] for u in chunk], left=True)
-        ti, tm = pad_to([t_ids[r] for r in rows], left=False)
+    def _score_chunk(
+        self,
+        chunk: list[int],
+        rows_of_prompt: list[list[int]],
+        prompt_ids: list[list[int]],
+        target_ids: list[list[int]],
+        completion_ids: list[list[int]] | None,
+        pad: int,
+        out: torch.Tensor,
+    ) -> None:
+        """Score the rows of the prompts in ``chunk`` into ``out`` (one forward call)."""
+        device = self.device
+        rows = [row for prompt in chunk for row in rows_of_prompt[prompt]]
+        prompt_index = torch.tensor(
+            [k for k, prompt in enumerate(chunk) for _ in rows_of_prompt[prompt]], device=device
+        )
+        prompt_batch = pad_token_lists([prompt_ids[p] for p in chunk], pad, True, device)
+        target_batch = pad_token_lists([target_ids[r] for r in rows], pad, False, device)
         extra = {}
-        if c_ids is not None:
-            seqs = [c_ids[r] for r in rows]
-            if max(len(s) for s in seqs) > 0:
-                ei, em = pad_to(seqs, left=False)
-                extra = {"extra_ids": ei, "extra_mask": em}
-        out[torch.tensor(rows, device=dev)] = self(
-            pi, pm, ti, tm, prompt_index=index, **extra
+        if completion_ids is not None:
+            completions = [completion_ids[r] for r in rows]
+            if max(len(c) for c in completions) > 0:
+                extra_ids, extra_mask = pad_token_lists(completions, pad, False, device)
+                extra = {"extra_ids": extra_ids, "extra_mask": extra_mask}
+        out[torch.tensor(rows, device=device)] = self(
+            *prompt_batch, *target_batch, prompt_index=prompt_index, **extra
         ).float()
 
 

@@ -282,17 +282,17 @@ class LatentReasoner(nn.Module):
             return hidden.new_zeros(b, 0, d, dtype=torch.float32)
         if first is not None and tuple(first.shape) != (b, d):
             raise ConfigError(f"latents: first must be [B={b}, d={d}], got {tuple(first.shape)}")
-        rs = [self._latent_step(hidden, prompt_mask) if first is None else first.float()]
-        if n > 1:
-            h_all, m_all = hidden, prompt_mask
+        thoughts = [self._latent_step(hidden, prompt_mask) if first is None else first.float()]
+        if n > 1:  # Eq. 2: H_i over [x, r_1..r_i], continued on the prompt cache
+            seen_hidden, seen_mask = hidden, prompt_mask
             one = prompt_mask.new_ones(b, 1)
             for _ in range(n - 1):
-                h_new = self.forward_embeds(rs[-1].unsqueeze(1), m_all, cache)
-                h_all = torch.cat([h_all, h_new], dim=1)
-                m_all = torch.cat([m_all, one], dim=1)
-                rs.append(self._latent_step(h_all, m_all))
+                new_hidden = self.forward_embeds(thoughts[-1].unsqueeze(1), seen_mask, cache)
+                seen_hidden = torch.cat([seen_hidden, new_hidden], dim=1)
+                seen_mask = torch.cat([seen_mask, one], dim=1)
+                thoughts.append(self._latent_step(seen_hidden, seen_mask))
             cache.crop(-(n - 1))
-        return torch.stack(rs, dim=1)
+        return torch.stack(thoughts, dim=1)
 
     def suffix_forward(
         self,
@@ -323,12 +323,12 @@ class LatentReasoner(nn.Module):
                 f"suffix_forward: batch sizes differ (latents {latent_embeds.shape[0]}, "
                 f"targets {b}, prompt_mask {prompt_mask.shape[0]})"
             )
-        tgt_emb = self.embed(target_ids[:, :-1])
-        if n > 0:
-            h = self.forward_embeds(
-                torch.cat([latent_embeds.to(self.dtype), tgt_emb], dim=1), prompt_mask, cache
+        target_embeds = self.embed(target_ids[:, :-1])
+        if n > 0:  # r_N predicts target[0]
+            hidden = self.forward_embeds(
+                torch.cat([latent_embeds.to(self.dtype), target_embeds], dim=1), prompt_mask, cache
             )
-            return h[:, n - 1 :]
+            return hidden[:, n - 1 :]
         last = prompt_last_hidden
         if last is None:
             last = getattr(cache, _LAST_HIDDEN_ATTR, None)
@@ -343,8 +343,8 @@ class LatentReasoner(nn.Module):
             )
         if t == 1:
             return last.unsqueeze(1)
-        h = self.forward_embeds(tgt_emb, prompt_mask, cache)
-        return torch.cat([last.unsqueeze(1).to(h.dtype), h], dim=1)
+        hidden = self.forward_embeds(target_embeds, prompt_mask, cache)
+        return torch.cat([last.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
 
     def target_logprobs(
         self,
@@ -387,9 +387,9 @@ class LatentReasoner(nn.Module):
             logp: ``[B, T]`` float32 target-token log-probs (0 at padding).
         """
         hidden, cache = self.encode_prompt(prompt_ids, prompt_mask)
-        r = self.latents(hidden, prompt_mask, cache, num_latent)
-        h = self.suffix_forward(cache, prompt_mask, r, target_ids)
-        return self.target_logprobs(h, target_ids, target_mask)
+        thoughts = self.latents(hidden, prompt_mask, cache, num_latent)
+        predicting = self.suffix_forward(cache, prompt_mask, thoughts, target_ids)
+        return self.target_logprobs(predicting, target_ids, target_mask)
 
     @staticmethod
     def expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:

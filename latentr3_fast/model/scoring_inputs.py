@@ -5,18 +5,29 @@ in the suffix, see :mod:`latentr3_fast.reward`); R rows, row ``r`` continuing pr
 ``prompt_index[r]``; per row optional extra tokens ``[R, N, d]`` (pads anywhere) and
 RIGHT-padded targets ``[R, T]`` with at least one real token. Each check raises ConfigError
 (wrong shape or argument) or DataError (wrong padding or values), its message prefixed by
-``who``, and returns the tensors normalized to long on the scoring device.
+``who``, and returns the tensors normalized to long on the scoring device. The text helpers at
+the end build such batches from strings (``PerplexityReward.score_texts``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["check_cache", "check_extra", "check_prompts", "check_targets", "row_prompt_index"]
+__all__ = [
+    "check_cache",
+    "check_extra",
+    "check_prompts",
+    "check_targets",
+    "pad_token_lists",
+    "prompt_chunks",
+    "row_prompt_index",
+    "tokenize_texts",
+]
 
 
 def check_cache(cache: Any, expected_len: int, who: str) -> None:
@@ -153,3 +164,64 @@ def check_extra(
             f"{who}: extra_mask must be [{rows}, {num_extra}], got {tuple(extra_mask.shape)}"
         )
     return extra_mask.to(device).long()
+
+
+def tokenize_texts(
+    tokenizer: Any,
+    prompt_texts: list[str],
+    targets: Sequence[str],
+    completions: Sequence[str] | None,
+    add_special_tokens: bool,
+    append_eos: bool,
+    who: str,
+) -> tuple[list[list[int]], list[list[int]], list[list[int]] | None]:
+    """Token ids of each distinct prompt, each target (+ EOS) and each completion, each
+    tokenized on its own (only the prompt with special tokens)."""
+    prompt_ids = [
+        tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompt_texts
+    ]
+    for text, ids in zip(prompt_texts, prompt_ids):
+        if not ids:
+            raise DataError(f"{who}: prompt {text!r} has no tokens")
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    if append_eos and tokenizer.eos_token_id is None:
+        raise ConfigError(f"{who}: append_eos but tokenizer has no EOS")
+    target_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in targets]
+    for i, ids in enumerate(target_ids):
+        if not ids:
+            raise DataError(f"{who}: target row {i} has no tokens")
+    completion_ids = (
+        [tokenizer(c, add_special_tokens=False)["input_ids"] if c else [] for c in completions]
+        if completions is not None
+        else None
+    )
+    return prompt_ids, target_ids, completion_ids
+
+
+def prompt_chunks(rows_of_prompt: list[list[int]], max_rows: int) -> Iterator[list[int]]:
+    """Consecutive prompt groups of about ``max_rows`` rows (a group is never split)."""
+    chunk: list[int] = []
+    num_rows = 0
+    for prompt, rows in enumerate(rows_of_prompt):
+        if chunk and num_rows + len(rows) > max_rows:
+            yield chunk
+            chunk, num_rows = [], 0
+        chunk.append(prompt)
+        num_rows += len(rows)
+    if chunk:
+        yield chunk
+
+
+def pad_token_lists(
+    seqs: list[list[int]], pad: int, left: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` ``[len(seqs), longest]`` long, LEFT- or right-padded with ``pad``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        if seq:
+            columns = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[i, columns] = torch.tensor(seq, dtype=torch.long)
+            mask[i, columns] = 1
+    return ids.to(device), mask.to(device)
