@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backbones import softcapped_gemma2
 from ratt_reference import reference_ratt
 
 from latentr3_fast.data import train_tokenizer
@@ -415,20 +416,7 @@ def test_final_logit_scale_matches_the_models_own_logits(tokenizer, kind, n):
 def test_softcapping_backbone_is_rejected(tokenizer):
     """Gemma 2's tanh soft-cap is not a linear map the fused head could fold in: a clear
     error at construction instead of silently wrong losses, rewards and beam scores."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    bb = Gemma2ForCausalLM(
-        Gemma2Config(
-            vocab_size=len(tokenizer) + 1,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            intermediate_size=64,
-            final_logit_softcapping=30.0,
-        )
-    )
+    bb = softcapped_gemma2(len(tokenizer) + 1)
     with pytest.raises(ConfigError, match="LatentReasoner: .*final_logit_softcapping=30.0"):
         LatentReasoner(bb, tokenizer)
     bb.config.final_logit_softcapping = None  # the same model without the cap is accepted

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from backbones import softcapped_gemma2
 from reference_reward import plain_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -270,20 +271,7 @@ def test_other_architectures_and_logit_scale():
 
 
 def test_softcapping_rejected():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    model = Gemma2ForCausalLM(
-        Gemma2Config(
-            vocab_size=300,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            intermediate_size=64,
-            final_logit_softcapping=30.0,
-        )
-    )
+    model = softcapped_gemma2(300)
     with pytest.raises(ConfigError, match="final_logit_softcapping"):
         PerplexityReward(model)
 
