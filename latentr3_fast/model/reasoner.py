@@ -45,9 +45,6 @@ __all__ = [
     "RATT_WEIGHTS_NAME",
     "THOUGHT_TOKEN",
     "LatentReasoner",
-    "default_attn_implementation",
-    "resolve_device",
-    "resolve_dtype",
 ]
 
 CONFIG_NAME = "latentr3_config.json"
@@ -63,9 +60,9 @@ class LatentReasoner(nn.Module):
         backbone: a transformers causal LM (``AutoModelForCausalLM``-style).
         tokenizer: its tokenizer; the thought token is added when missing (and the embeddings
             resized when the new id does not fit). A missing pad token is set to EOS (Qwen).
-        num_latent: N latent steps (0 = the "w/o reasoning" baseline).
-        latent_mode: ``"ratt"`` (LatentRATT) or ``"hidden"`` (the "w/o LatentRATT" ablation:
-            r = final-norm hidden state of the last position).
+        num_latent: N latent steps (paper Sec. 4.3.3; 0 = the "w/o reasoning" baseline).
+        latent_mode: ``"ratt"`` (LatentRATT, Eq. 3) or ``"hidden"`` (the "w/o LatentRATT"
+            ablation of Sec. 4.3.2: r = final-norm hidden state of the last position).
         ratt: an existing LatentRATT (else a fresh one in ratt mode).
         ratt_heads, rope_base: LatentRATT shape when a fresh one is built.
 
