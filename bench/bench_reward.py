@@ -69,9 +69,10 @@ def build(args):
 
 def make_call(variant, model, inputs, args):
     import torch
+    from reference_reward import plain_logprobs
 
     from latentr3_fast.ops import ppl_reward
-    from latentr3_fast.reward import PerplexityReward, plain_logprobs
+    from latentr3_fast.reward import PerplexityReward
 
     pi, pm, ti, tm, ex = inputs
     g = args.generations

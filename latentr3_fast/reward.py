@@ -1,7 +1,17 @@
 """Drop-in perplexity reward for other trainers (TRL, hand-written GRPO/PPO loops, ...).
 
-``PerplexityReward`` scores ``-PPL(target | prompt, extra)`` for any Hugging Face causal LM
-without ever materializing ``[rows x positions x vocab]`` logits:
+Naming across the package: the *perplexity reward* is paper Sec. 3.2.2, Eq. 6,
+``s = -exp(-mean_i log p(y_i | x, r, y_<i))``. It lives at three levels, one module each:
+
+* ``latentr3_fast.reward`` (this module): the drop-in reward for any Hugging Face causal LM,
+  :class:`PerplexityReward` and the TRL wrapper :func:`make_trl_reward`;
+* ``latentr3_fast.ops.reward``: tensor ops, ``ppl_reward(logp, mask)`` (Eq. 6 from per-token
+  log-probs), ``mean_logprob`` and ``perplexity_reward_from_hidden`` (Eq. 6 from hidden states);
+* ``latentr3_fast.train.rewards``: rewards of a GRPO rollout of our trainer,
+  ``RolloutPerplexityReward`` (config value ``"ppl"``) and ``HitReward`` (``"hit"``).
+
+``PerplexityReward`` scores ``-PPL(target | prompt, extra)`` without ever materializing
+``[rows x positions x vocab]`` logits, with the steps of :mod:`latentr3_fast.model.prefix_scoring`:
 
 1. the prompt (all but its last token) runs ONCE per distinct prompt, filling a KV cache
    (no autograd unless requested);
@@ -21,7 +31,6 @@ perplexity", a verifier-free reward).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,83 +38,27 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
-from .model.logits import final_logit_scale
-from .ops import (
-    fused_linear_logprob,
-    grpo_advantage,
-    mean_logprob,
-    perplexity_reward_from_hidden,
-    ppl_reward,
+from .model import prefix_scoring
+from .model.scoring_inputs import (
+    check_cache,
+    check_extra,
+    check_prompts,
+    check_targets,
+    pad_token_lists,
+    prompt_chunks,
+    row_prompt_index,
+    tokenize_texts,
 )
+from .ops import grpo_advantage, mean_logprob, ppl_reward
 
-__all__ = ["PerplexityReward", "grpo_advantage", "make_trl_reward", "plain_logprobs"]
+__all__ = ["PerplexityReward", "grpo_advantage", "make_trl_reward"]
 
-_REWARDS = ("neg_ppl", "mean_logprob")
-
-
-def _resolve_backbone(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Return (decoder stack whose output is the final-norm hidden state, LM head module)."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ConfigError(
-            f"PerplexityReward: model {type(model).__name__} has no output embeddings "
-            "(get_output_embeddings() returned None); pass a causal LM (…ForCausalLM)"
-        )
-    decoder = None
-    get_dec = getattr(model, "get_decoder", None)
-    if callable(get_dec):
-        try:
-            decoder = get_dec()
-        except (AttributeError, NotImplementedError):
-            decoder = None
-    if decoder is None or decoder is model:
-        for name in ("model", "transformer", "gpt_neox", "decoder"):
-            cand = getattr(model, name, None)
-            if isinstance(cand, nn.Module) and cand is not model:
-                decoder = cand
-                break
-    if decoder is None or decoder is model:
-        raise ConfigError(
-            f"PerplexityReward: cannot find the decoder stack of {type(model).__name__} "
-            "(tried get_decoder(), .model, .transformer, .gpt_neox, .decoder)"
-        )
-    return decoder, head
-
-
-def _logit_temperature(model: nn.Module, temperature: float) -> float:
-    """Fold the model's own final-logit scaling into the softmax temperature, or reject it.
-
-    ``logits * s`` (Cohere ``logit_scale``; Granite ``logits_scaling`` is ``s = 1 / value``)
-    is temperature ``T / s``. A tanh soft-cap (Gemma 2/3) is not a linear map and the fused
-    head does not implement it, so those models are rejected (``final_logit_scale``).
-    """
-    if not temperature > 0:
-        raise ConfigError(f"PerplexityReward: temperature must be > 0, got {temperature}")
-    return float(temperature) / final_logit_scale(model, "PerplexityReward")
-
-
-def _cache_kwarg(decoder: nn.Module) -> str:
-    """transformers 5.x renamed ``past_key_values`` to ``cache``; use whichever forward takes."""
-    try:
-        params = inspect.signature(decoder.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
-    """Position ids from a padding mask: real tokens count 0, 1, ...; pads reuse a neighbour's."""
-    pos = mask.long().cumsum(dim=1) - 1
-    if isinstance(offset, torch.Tensor):
-        pos = pos + offset[:, None]
-    else:
-        pos = pos + offset
-    return pos.clamp_min(0)
+_REWARD_KINDS = ("neg_ppl", "mean_logprob")
+_WHO = "PerplexityReward"
 
 
 class PerplexityReward(nn.Module):
-    """Per-row reward ``-PPL(target | prompt, extra)`` of a Hugging Face causal LM.
+    """Per-row reward ``-PPL(target | prompt, extra)`` of a Hugging Face causal LM (Eq. 6).
 
     Args:
         model: any ``transformers`` causal LM (``...ForCausalLM``): the decoder stack comes from
@@ -136,20 +89,19 @@ class PerplexityReward(nn.Module):
         grad_prompt: bool | None = None,
     ) -> None:
         super().__init__()
-        if reward not in _REWARDS:
-            raise ConfigError(f"PerplexityReward: reward must be one of {_REWARDS}, got {reward!r}")
-        decoder, head = _resolve_backbone(model)
+        if reward not in _REWARD_KINDS:
+            raise ConfigError(f"{_WHO}: reward must be one of {_REWARD_KINDS}, got {reward!r}")
+        decoder, head = prefix_scoring.decoder_and_head(model, _WHO)
         # Plain attributes (not submodules): see the class docstring.
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "decoder", decoder)
         object.__setattr__(self, "head", head)
         self.tokenizer = tokenizer
-        self.temperature = _logit_temperature(model, temperature)
+        self.temperature = prefix_scoring.logit_temperature(model, temperature, _WHO)
         self.reward = reward
         self.grad_prompt = grad_prompt
-        self._cache_kw = _cache_kwarg(decoder)
+        self._cache_kw = prefix_scoring.cache_keyword(decoder)
 
-    # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
         return self.head.weight.device
@@ -157,44 +109,6 @@ class PerplexityReward(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings of ``ids`` [B, L] -> [B, L, d] (the model's own embedding layer)."""
         return self.model.get_input_embeddings()(ids)
-
-    def _run(self, embeds, mask, positions, cache):
-        kwargs = {
-            "inputs_embeds": embeds,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "use_cache": cache is not None,
-        }
-        if cache is not None:
-            kwargs[self._cache_kw] = cache
-        return self.decoder(**kwargs).last_hidden_state
-
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        config = getattr(self.model, "config", None)
-        try:
-            return DynamicCache(config=config)
-        except TypeError:  # older transformers: DynamicCache() takes no config
-            return DynamicCache()
-
-    @staticmethod
-    def _check_cache(cache, expected_len: int) -> None:
-        for layer in getattr(cache, "layers", []):
-            name = type(layer).__name__
-            if "Linear" in name or "Static" in name or "Quantized" in name:
-                raise ConfigError(
-                    f"PerplexityReward: cache layer type {name} is not supported "
-                    "(expanding and padding a linear-attention/static/quantized cache); "
-                    "use a model with plain (sliding-window) attention"
-                )
-        if cache.get_seq_length() != expected_len:
-            raise ConfigError(
-                f"PerplexityReward: the model did not fill the KV cache (length "
-                f"{cache.get_seq_length()}, expected {expected_len}). Gradient checkpointing "
-                "in training mode disables the cache: call model.eval() (or run the reward "
-                "under torch.no_grad()), or disable gradient checkpointing"
-            )
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -235,201 +149,150 @@ class PerplexityReward(nn.Module):
             ``extra_embeds`` (and ``prompt_embeds`` / parameters, see ``grad_prompt``) when
             grad mode is on; with ``return_logprobs`` a tuple ``(rewards, logp)``.
         """
-        dev = self.device
-        # ---- prompts
-        if (prompt_ids is None) == (prompt_embeds is None):
-            raise ConfigError("PerplexityReward: pass exactly one of prompt_ids / prompt_embeds")
-        if prompt_ids is not None:
-            if prompt_ids.dim() != 2:
-                raise ConfigError(
-                    f"PerplexityReward: prompt_ids must be [P, Lp], got {tuple(prompt_ids.shape)}"
-                )
-            shape_p = tuple(prompt_ids.shape)
-        else:
-            if prompt_embeds.dim() != 3:
-                raise ConfigError(
-                    "PerplexityReward: prompt_embeds must be [P, Lp, d], got "
-                    f"{tuple(prompt_embeds.shape)}"
-                )
-            shape_p = tuple(prompt_embeds.shape[:2])
-        num_prompts, lp = shape_p
-        if lp == 0 or num_prompts == 0:
-            raise DataError(f"PerplexityReward: empty prompt batch {shape_p}")
-        if prompt_mask is None:
-            prompt_mask = torch.ones(shape_p, dtype=torch.long, device=dev)
-        if tuple(prompt_mask.shape) != shape_p:
-            raise ConfigError(
-                f"PerplexityReward: prompt_mask must be {shape_p}, got {tuple(prompt_mask.shape)}"
-            )
-        prompt_mask = prompt_mask.to(dev).long()
-        if not bool((prompt_mask[:, -1] == 1).all()):
-            row = int((prompt_mask[:, -1] != 1).nonzero()[0, 0])
-            raise DataError(
-                f"PerplexityReward: prompt_mask row {row} does not end with a real token; "
-                "prompts must be LEFT-padded and non-empty"
-            )
-
-        # ---- rows
-        if target_ids is None:
-            raise ConfigError("PerplexityReward: target_ids is required")
-        if target_ids.dim() != 2 or target_ids.shape[1] == 0:
-            raise ConfigError(
-                f"PerplexityReward: target_ids must be [R, T>0], got {tuple(target_ids.shape)}"
-            )
-        if prompt_index is None:
-            g = int(num_generations)
-            if g < 1:
-                raise ConfigError(
-                    f"PerplexityReward: num_generations must be >= 1, got {num_generations}"
-                )
-            prompt_index = torch.arange(num_prompts, device=dev).repeat_interleave(g)
-        else:
-            prompt_index = prompt_index.to(dev).long()
-            if prompt_index.dim() != 1:
-                raise ConfigError("PerplexityReward: prompt_index must be [R]")
-            if prompt_index.numel() and (
-                int(prompt_index.min()) < 0 or int(prompt_index.max()) >= num_prompts
-            ):
-                raise DataError(
-                    f"PerplexityReward: prompt_index values must lie in [0, {num_prompts})"
-                )
+        device = self.device
+        prompt_mask = check_prompts(prompt_ids, prompt_embeds, prompt_mask, device, _WHO)
+        num_prompts = prompt_mask.shape[0]
+        prompt_index = row_prompt_index(num_prompts, num_generations, prompt_index, device, _WHO)
         rows = prompt_index.numel()
-        if target_mask is None:
-            target_mask = torch.ones_like(target_ids)
-        if target_mask.shape != target_ids.shape:
-            raise ConfigError(
-                f"PerplexityReward: target_mask must be {tuple(target_ids.shape)}, "
-                f"got {tuple(target_mask.shape)}"
-            )
-        target_ids, target_mask = target_ids.to(dev).long(), target_mask.to(dev).long()
-        if target_ids.shape[0] == num_prompts and rows != num_prompts:
-            target_ids = target_ids[prompt_index]
-            target_mask = target_mask[prompt_index]
-        if target_ids.shape[0] != rows:
-            raise ConfigError(
-                f"PerplexityReward: target_ids has {target_ids.shape[0]} rows, expected "
-                f"R={rows} (or P={num_prompts})"
-            )
-        if bool((target_mask[:, 1:] > target_mask[:, :-1]).any()):
-            row = int((target_mask[:, 1:] > target_mask[:, :-1]).any(dim=1).nonzero()[0, 0])
-            raise DataError(f"PerplexityReward: target_mask row {row} is not RIGHT-padded")
-        if bool((target_mask[:, 0] == 0).any()):
-            row = int((target_mask[:, 0] == 0).nonzero()[0, 0])
-            raise DataError(f"PerplexityReward: target row {row} has no target token")
-
-        # ---- extra tokens
-        if extra_ids is not None and extra_embeds is not None:
-            raise ConfigError("PerplexityReward: pass at most one of extra_ids / extra_embeds")
-        if extra_ids is not None:
-            if extra_ids.dim() != 2 or extra_ids.shape[0] != rows:
-                raise ConfigError(
-                    f"PerplexityReward: extra_ids must be [R={rows}, N], "
-                    f"got {tuple(extra_ids.shape)}"
-                )
-            extra_embeds = self.embed(extra_ids.to(dev))
-        if extra_embeds is not None and (extra_embeds.dim() != 3 or extra_embeds.shape[0] != rows):
-            raise ConfigError(
-                f"PerplexityReward: extra_embeds must be [R={rows}, N, d], "
-                f"got {tuple(extra_embeds.shape)}"
-            )
-        n_extra = 0 if extra_embeds is None else extra_embeds.shape[1]
-        if extra_mask is None:
-            extra_mask = torch.ones(rows, n_extra, dtype=torch.long, device=dev)
-        if tuple(extra_mask.shape) != (rows, n_extra):
-            raise ConfigError(
-                f"PerplexityReward: extra_mask must be [{rows}, {n_extra}], "
-                f"got {tuple(extra_mask.shape)}"
-            )
-        extra_mask = extra_mask.to(dev).long()
-
-        # ---- 1. prompt prefix, once per prompt
-        if prompt_embeds is None:
-            prompt_ids = prompt_ids.to(dev)
-            last_embed = self.embed(prompt_ids[:, -1:])
-        else:
-            prompt_embeds = prompt_embeds.to(dev)
-            last_embed = prompt_embeds[:, -1:]
+        target_ids, target_mask = check_targets(
+            target_ids, target_mask, prompt_index, num_prompts, _WHO
+        )
+        extra_embeds = self._extra_embeds(extra_ids, extra_embeds, rows)
+        extra_mask = check_extra(extra_embeds, extra_mask, rows, device, _WHO)
         grad_prompt = self.grad_prompt
         if grad_prompt is None:
             grad_prompt = prompt_embeds is not None and prompt_embeds.requires_grad
-        prefix_mask = prompt_mask[:, :-1]
-        cache = None
-        if lp > 1:
-            cache = self._new_cache()
-            with torch.set_grad_enabled(bool(grad_prompt) and torch.is_grad_enabled()):
-                prefix = (
-                    self.embed(prompt_ids[:, :-1])
-                    if prompt_embeds is None
-                    else prompt_embeds[:, :-1]
-                )
-                self._run(prefix, prefix_mask, _positions(prefix_mask), cache)
-            self._check_cache(cache, lp - 1)
-            # 2. share: row r attends to prompt prompt_index[r]'s keys/values
-            if rows != num_prompts or not torch.equal(
-                prompt_index, torch.arange(num_prompts, device=dev)
-            ):
-                cache.batch_select_indices(prompt_index)
+        cache, last_embed = self._encode_prompts(
+            prompt_ids, prompt_embeds, prompt_mask, prompt_index, bool(grad_prompt)
+        )
+        hidden = self._target_hidden(
+            cache,
+            prompt_mask[:, :-1][prompt_index],
+            last_embed[prompt_index],
+            extra_embeds,
+            extra_mask,
+            target_ids,
+            target_mask,
+        )
+        logp = prefix_scoring.target_logprobs(
+            hidden,
+            self.head.weight,
+            getattr(self.head, "bias", None),
+            target_ids,
+            target_mask,
+            self.temperature,
+            skip_padding=True,
+        )
+        keep = target_mask != 0
+        reward = ppl_reward(logp, keep) if self.reward == "neg_ppl" else mean_logprob(logp, keep)
+        return (reward, logp) if return_logprobs else reward
 
-        # ---- 3. one suffix forward: [last prompt token, extra..., target[:-1]]
-        checkpointed = (
-            cache is not None
-            and torch.is_grad_enabled()
+    def _extra_embeds(
+        self, extra_ids: torch.Tensor | None, extra_embeds: torch.Tensor | None, rows: int
+    ) -> torch.Tensor | None:
+        """``[R, N, d]`` extra tokens: ``extra_embeds`` as given, or ``extra_ids`` embedded."""
+        if extra_ids is not None and extra_embeds is not None:
+            raise ConfigError(f"{_WHO}: pass at most one of extra_ids / extra_embeds")
+        if extra_ids is None:
+            return extra_embeds
+        if extra_ids.dim() != 2 or extra_ids.shape[0] != rows:
+            raise ConfigError(
+                f"{_WHO}: extra_ids must be [R={rows}, N], got {tuple(extra_ids.shape)}"
+            )
+        return self.embed(extra_ids.to(self.device))
+
+    def _encode_prompts(
+        self,
+        prompt_ids: torch.Tensor | None,
+        prompt_embeds: torch.Tensor | None,
+        prompt_mask: torch.Tensor,
+        prompt_index: torch.Tensor,
+        grad_prompt: bool,
+    ) -> tuple[Any, torch.Tensor]:
+        """Step 1-2: every prompt but its last token into a KV cache, once per prompt, then the
+        cache rows selected for the R rows (None when prompts are one token long).
+
+        Returns:
+            ``(cache, last_embed)``; ``last_embed`` ``[P, 1, d]`` embeds each prompt's last token.
+        """
+        device = self.device
+        if prompt_embeds is None:
+            prompt_ids = prompt_ids.to(device)
+            last_embed = self.embed(prompt_ids[:, -1:])
+        else:
+            prompt_embeds = prompt_embeds.to(device)
+            last_embed = prompt_embeds[:, -1:]
+        num_prompts, prompt_len = prompt_mask.shape
+        if prompt_len == 1:
+            return None, last_embed
+        prefix_mask = prompt_mask[:, :-1]
+        cache = prefix_scoring.new_cache(self.model)
+        with torch.set_grad_enabled(grad_prompt and torch.is_grad_enabled()):
+            prefix = (
+                self.embed(prompt_ids[:, :-1]) if prompt_embeds is None else prompt_embeds[:, :-1]
+            )
+            prefix_scoring.encode_prefix(
+                self.decoder, self._cache_kw, cache, prefix_mask, inputs_embeds=prefix
+            )
+        check_cache(cache, prompt_len - 1, _WHO)
+        # row r attends to prompt prompt_index[r]'s keys/values
+        if prompt_index.numel() != num_prompts or not torch.equal(
+            prompt_index, torch.arange(num_prompts, device=device)
+        ):
+            cache.batch_select_indices(prompt_index)
+        return cache, last_embed
+
+    def _uses_hf_checkpointing(self) -> bool:
+        return (
+            torch.is_grad_enabled()
             and self.decoder.training
             and any(
                 getattr(m, "gradient_checkpointing", False) is True for m in self.decoder.modules()
             )
         )
-        if checkpointed:
+
+    def _target_hidden(
+        self,
+        cache: Any,
+        past_mask: torch.Tensor,
+        last_embed: torch.Tensor,
+        extra_embeds: torch.Tensor | None,
+        extra_mask: torch.Tensor,
+        target_ids: torch.Tensor,
+        target_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Step 3: one forward over ``[last prompt token, extra..., target[:-1]]`` per row on
+        the cache; returns the ``[R, T, d]`` states that predict the target tokens.
+
+        Args:
+            past_mask: ``[R, Lp - 1]`` mask of each row's cached prompt positions.
+            last_embed: ``[R, 1, d]`` each row's last prompt token.
+        """
+        if cache is not None and self._uses_hf_checkpointing():
             raise ConfigError(
-                "PerplexityReward: the model uses gradient checkpointing in training mode, "
+                f"{_WHO}: the model uses gradient checkpointing in training mode, "
                 "which disables the KV cache the suffix forward continues on: call "
                 "model.eval() (or run the reward under torch.no_grad()), or disable "
                 "gradient checkpointing"
             )
-        tgt_in = target_ids[:, :-1]
-        parts = [last_embed[prompt_index]]
-        if n_extra:
+        num_extra = extra_mask.shape[1]
+        parts = [last_embed]
+        if num_extra:
             parts.append(extra_embeds.to(last_embed.dtype))
-        parts.append(self.embed(tgt_in).to(last_embed.dtype))
+        parts.append(self.embed(target_ids[:, :-1]).to(last_embed.dtype))
         suffix = torch.cat(parts, dim=1)
-        ones = torch.ones(rows, 1, dtype=torch.long, device=dev)
+        ones = torch.ones(target_ids.shape[0], 1, dtype=torch.long, device=self.device)
         suffix_mask = torch.cat([ones, extra_mask, target_mask[:, :-1]], dim=1)
-        past_mask = prefix_mask[prompt_index]
-        offset = past_mask.sum(dim=1)
-        hidden = self._run(
-            suffix,
-            torch.cat([past_mask, suffix_mask], dim=1),
-            _positions(suffix_mask, offset),
-            cache,
+        hidden = prefix_scoring.continue_on_cache(
+            self.decoder, self._cache_kw, cache, past_mask, suffix, suffix_mask
         )
         if cache is not None:
             # A model that silently drops the cache (e.g. HF gradient checkpointing in training
             # mode) would score the suffix without the prompt.
-            self._check_cache(cache, lp - 1 + suffix.shape[1])
-        # State predicting target[0]: the last real token of [prompt_last, extra...];
-        # target[j>0] is predicted by the fed target[j-1] at suffix index n_extra + j.
-        lead_mask = suffix_mask[:, : 1 + n_extra]
-        lead = (torch.arange(1 + n_extra, device=dev) * lead_mask).max(dim=1).values
-        t = target_ids.shape[1]
-        idx = torch.cat(
-            [lead[:, None], n_extra + torch.arange(1, t, device=dev).expand(rows, t - 1)], dim=1
+            check_cache(cache, past_mask.shape[1] + suffix.shape[1], _WHO)
+        return prefix_scoring.predicting_states(
+            hidden, suffix_mask, 1 + num_extra, target_ids.shape[1]
         )
-        h_t = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
-
-        # ---- 4. fused LM head + log-softmax + gather (no [R, T, V] logits)
-        weight = self.head.weight
-        bias = getattr(self.head, "bias", None)
-        if not return_logprobs and self.reward == "neg_ppl":
-            return perplexity_reward_from_hidden(
-                h_t, weight, target_ids, target_mask, bias=bias, temperature=self.temperature
-            )
-        keep = target_mask != 0
-        flat = fused_linear_logprob(
-            h_t[keep], weight, target_ids[keep], bias, temperature=self.temperature
-        )
-        logp = torch.zeros(rows, t, dtype=torch.float32, device=dev).masked_scatter(keep, flat)
-        reward = ppl_reward(logp, keep) if self.reward == "neg_ppl" else mean_logprob(logp, keep)
-        return (reward, logp) if return_logprobs else reward
 
     # ------------------------------------------------------------------ text API
     def score_texts(
@@ -453,8 +316,8 @@ class PerplexityReward(nn.Module):
         Returns:
             ``[len(prompts)]`` fp32 rewards on the model's device (no autograd).
         """
-        tok = self.tokenizer
-        if tok is None:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
             raise ConfigError("PerplexityReward.score_texts needs a tokenizer (tokenizer=...)")
         if len(targets) != len(prompts) or (
             completions is not None and len(completions) != len(prompts)
@@ -463,105 +326,55 @@ class PerplexityReward(nn.Module):
                 f"PerplexityReward.score_texts: got {len(prompts)} prompts, {len(targets)} "
                 f"targets and {len(completions) if completions is not None else '-'} completions"
             )
-        uniq: dict[str, int] = {}
-        for p in prompts:
-            uniq.setdefault(p, len(uniq))
-        order = list(uniq)
-        p_ids = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in order]
-        for text, ids in zip(order, p_ids):
-            if not ids:
-                raise DataError(f"PerplexityReward.score_texts: prompt {text!r} has no tokens")
-        eos = [tok.eos_token_id] if append_eos else []
-        if append_eos and tok.eos_token_id is None:
-            raise ConfigError("PerplexityReward.score_texts: append_eos but tokenizer has no EOS")
-        t_ids = [tok(t, add_special_tokens=False)["input_ids"] + eos for t in targets]
-        for i, ids in enumerate(t_ids):
-            if not ids:
-                raise DataError(f"PerplexityReward.score_texts: target row {i} has no tokens")
-        c_ids = (
-            [tok(c, add_special_tokens=False)["input_ids"] if c else [] for c in completions]
-            if completions is not None
-            else None
+        prompt_number: dict[str, int] = {}  # distinct prompt text -> its prompt index
+        for text in prompts:
+            prompt_number.setdefault(text, len(prompt_number))
+        token_ids = tokenize_texts(
+            tokenizer,
+            list(prompt_number),
+            targets,
+            completions,
+            add_special_tokens,
+            append_eos,
+            "PerplexityReward.score_texts",
         )
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        rows_of: list[list[int]] = [[] for _ in order]
-        for r, p in enumerate(prompts):
-            rows_of[uniq[p]].append(r)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        rows_of_prompt: list[list[int]] = [[] for _ in prompt_number]
+        for row, text in enumerate(prompts):
+            rows_of_prompt[prompt_number[text]].append(row)
         out = torch.empty(len(prompts), dtype=torch.float32, device=self.device)
-        chunk: list[int] = []
-        n_rows = 0
-        for u in range(len(order) + 1):
-            if u < len(order) and (not chunk or n_rows + len(rows_of[u]) <= max_rows):
-                chunk.append(u)
-                n_rows += len(rows_of[u])
-                continue
-            if chunk:
-                self._score_chunk(chunk, rows_of, p_ids, t_ids, c_ids, pad, out)
-            chunk, n_rows = ([u], len(rows_of[u])) if u < len(order) else ([], 0)
+        for chunk in prompt_chunks(rows_of_prompt, max_rows):
+            self._score_chunk(chunk, rows_of_prompt, *token_ids, pad, out)
         return out
 
     @torch.no_grad()
-    def _score_chunk(self, chunk, rows_of, p_ids, t_ids, c_ids, pad, out) -> None:
-        dev = self.device
-
-        def pad_to(seqs, left):
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                if s:
-                    sl = slice(width - len(s), width) if left else slice(0, len(s))
-                    ids[i, sl] = torch.tensor(s, dtype=torch.long)
-                    mask[i, sl] = 1
-            return ids.to(dev), mask.to(dev)
-
-        rows = [r for u in chunk for r in rows_of[u]]
-        index = torch.tensor([k for k, u in enumerate(chunk) for _ in rows_of[u]], device=dev)
-        pi, pm = pad_to([p_ids[u] for u in chunk], left=True)
-        ti, tm = pad_to([t_ids[r] for r in rows], left=False)
+    def _score_chunk(
+        self,
+        chunk: list[int],
+        rows_of_prompt: list[list[int]],
+        prompt_ids: list[list[int]],
+        target_ids: list[list[int]],
+        completion_ids: list[list[int]] | None,
+        pad: int,
+        out: torch.Tensor,
+    ) -> None:
+        """Score the rows of the prompts in ``chunk`` into ``out`` (one forward call)."""
+        device = self.device
+        rows = [row for prompt in chunk for row in rows_of_prompt[prompt]]
+        prompt_index = torch.tensor(
+            [k for k, prompt in enumerate(chunk) for _ in rows_of_prompt[prompt]], device=device
+        )
+        prompt_batch = pad_token_lists([prompt_ids[p] for p in chunk], pad, True, device)
+        target_batch = pad_token_lists([target_ids[r] for r in rows], pad, False, device)
         extra = {}
-        if c_ids is not None:
-            seqs = [c_ids[r] for r in rows]
-            if max(len(s) for s in seqs) > 0:
-                ei, em = pad_to(seqs, left=False)
-                extra = {"extra_ids": ei, "extra_mask": em}
-        out[torch.tensor(rows, device=dev)] = self(
-            pi, pm, ti, tm, prompt_index=index, **extra
+        if completion_ids is not None:
+            completions = [completion_ids[r] for r in rows]
+            if max(len(c) for c in completions) > 0:
+                extra_ids, extra_mask = pad_token_lists(completions, pad, False, device)
+                extra = {"extra_ids": extra_ids, "extra_mask": extra_mask}
+        out[torch.tensor(rows, device=device)] = self(
+            *prompt_batch, *target_batch, prompt_index=prompt_index, **extra
         ).float()
-
-
-def plain_logprobs(
-    model: nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    target_ids: torch.Tensor,
-    target_mask: torch.Tensor,
-    *,
-    extra_embeds: torch.Tensor | None = None,
-    num_generations: int = 1,
-) -> torch.Tensor:
-    """Reference-style path (benchmarks): one full forward per row over
-    ``[prompt, extra, target]`` with full-vocabulary logits, log_softmax, gather.
-
-    Shapes as in :meth:`PerplexityReward.forward` (``target_ids`` ``[R, T]``, extra ``[R,N,d]``).
-    Returns ``[R, T]`` fp32 log-probs (0 at pads). Materializes ``[R, L, V]`` logits.
-    """
-    g = int(num_generations)
-    emb = model.get_input_embeddings()
-    pe = emb(prompt_ids).repeat_interleave(g, dim=0)
-    pm = prompt_mask.long().repeat_interleave(g, dim=0)
-    rows, t = target_ids.shape
-    parts, masks = [pe], [pm]
-    if extra_embeds is not None:
-        parts.append(extra_embeds.to(pe.dtype))
-        masks.append(torch.ones(extra_embeds.shape[:2], dtype=torch.long, device=pm.device))
-    parts.append(emb(target_ids))
-    masks.append(target_mask.long())
-    x, m = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
-    logits = model(inputs_embeds=x, attention_mask=m, position_ids=_positions(m)).logits
-    logp = torch.log_softmax(logits[:, -t - 1 : -1].float(), dim=-1)
-    out = logp.gather(2, target_ids[:, :, None]).squeeze(2)
-    return out * target_mask
 
 
 def _message_text(content: Any) -> str:
@@ -572,6 +385,33 @@ def _message_text(content: Any) -> str:
             part.get("text", "") if isinstance(part, dict) else str(part) for part in content
         )
     return "" if content is None else str(content)
+
+
+def _render_prompt(prompt: Any, tokenizer: Any, has_template: bool, who: str) -> tuple[str, bool]:
+    """``(text, add_special_tokens)`` of a plain or conversational TRL prompt."""
+    if isinstance(prompt, str):
+        return prompt, True
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        if has_template:
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return text, False
+        lines = [f"{m.get('role', 'user')}: {_message_text(m.get('content'))}\n" for m in prompt]
+        return "".join(lines) + "assistant: ", True
+    raise DataError(
+        f"{who}: a prompt must be a string or a list of {{'role','content'}} messages, "
+        f"got {type(prompt).__name__}"
+    )
+
+
+def _render_completion(completion: Any, who: str) -> str:
+    """The text of a plain or conversational (its messages' contents) TRL completion."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list):
+        return "".join(
+            _message_text(m.get("content")) if isinstance(m, dict) else str(m) for m in completion
+        )
+    raise DataError(f"{who}: a completion must be a string or a list of messages")
 
 
 def make_trl_reward(
@@ -613,34 +453,6 @@ def make_trl_reward(
     scorer = PerplexityReward(model, tokenizer, temperature=temperature, reward=reward)
     has_template = bool(getattr(tokenizer, "chat_template", None))
 
-    def render_prompt(prompt: Any) -> tuple[str, bool]:
-        if isinstance(prompt, str):
-            return prompt, True
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            if has_template:
-                text = tokenizer.apply_chat_template(
-                    prompt, tokenize=False, add_generation_prompt=True
-                )
-                return text, False
-            lines = [
-                f"{m.get('role', 'user')}: {_message_text(m.get('content'))}\n" for m in prompt
-            ]
-            return "".join(lines) + "assistant: ", True
-        raise DataError(
-            f"{name}: a prompt must be a string or a list of {{'role','content'}} messages, "
-            f"got {type(prompt).__name__}"
-        )
-
-    def render_completion(completion: Any) -> str:
-        if isinstance(completion, str):
-            return completion
-        if isinstance(completion, list):
-            return "".join(
-                _message_text(m.get("content")) if isinstance(m, dict) else str(m)
-                for m in completion
-            )
-        raise DataError(f"{name}: a completion must be a string or a list of messages")
-
     def reward_fn(prompts: list, completions: list, **kwargs: Any) -> list[float]:
         if target_column not in kwargs:
             raise DataError(
@@ -653,10 +465,10 @@ def make_trl_reward(
                 f"{name}: {len(prompts)} prompts, {len(completions)} completions, "
                 f"{len(targets)} {target_column!r} values"
             )
-        rendered = [render_prompt(p) for p in prompts]
+        rendered = [_render_prompt(p, tokenizer, has_template, name) for p in prompts]
         texts = [r[0] for r in rendered]
         special = rendered[0][1] if rendered else True
-        comps = [render_completion(c) + answer_prefix for c in completions]
+        comps = [_render_completion(c, name) + answer_prefix for c in completions]
         answers = [_message_text(t) + answer_suffix for t in targets]
         was_training = model.training
         model.eval()

@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from .reasoner import (
-    THOUGHT_TOKEN,
-    LatentReasoner,
+from .loading import (
     default_attn_implementation,
+    prepare_tokenizer,
     resolve_device,
     resolve_dtype,
 )
+from .reasoner import LatentReasoner
 
 __all__ = ["tiny_qwen2"]
 
@@ -41,10 +41,7 @@ def tiny_qwen2(
     mimic Qwen2.5-1.5B/0.5B, which tie it to the input embedding.
     Initialisation is deterministic in ``seed`` and leaves the global RNG untouched.
     """
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if THOUGHT_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([THOUGHT_TOKEN], special_tokens=True)
+    prepare_tokenizer(tokenizer)
     dev = resolve_device(device)
     dtype = resolve_dtype(torch_dtype, dev)
     config = Qwen2Config(

@@ -1,10 +1,10 @@
 """LatentRATT: the single-query attention that turns prompt hidden states into a latent thought.
 
-Reference form (SPEC section 3): one attention head of full width d; q, k, v are ``Linear(d, d)``
-with bias; rotary embedding over all d dims with base 1000 (rotate-half convention); scale
-1/sqrt(d); no output projection, norm, residual or MLP. The only query is the last non-padding
-position; keys/values are all non-padding positions. Positions 0..L-1 count the non-padding
-tokens only, so a prompt gives the same r whether it is left- or right-padded.
+Reference form (paper Sec. 3.1, Eq. 3): one attention head of full width d; q, k, v are
+``Linear(d, d)`` with bias; rotary embedding over all d dims with base 1000 (rotate-half
+convention); scale 1/sqrt(d); no output projection, norm, residual or MLP. The only query is the
+last non-padding position; keys/values are all non-padding positions. Positions 0..L-1 count
+the non-padding tokens only, so a prompt gives the same r whether it is left- or right-padded.
 """
 
 from __future__ import annotations
@@ -45,15 +45,19 @@ def rope_cos_sin(
     return emb.cos(), emb.sin()
 
 
-def token_positions(mask: torch.Tensor) -> torch.Tensor:
+def token_positions(mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Positions 0..n-1 of the non-padding tokens of each row (0 at padding).
 
     Args:
         mask: ``[B, L]`` (1/True = real token), any padding side.
+        offset: optional ``[B]`` added to every row (positions after a cached prefix).
     Returns:
         ``[B, L]`` int64.
     """
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+    positions = mask.long().cumsum(-1) - 1
+    if offset is not None:
+        positions = positions + offset[:, None]
+    return positions.clamp_min(0)
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:

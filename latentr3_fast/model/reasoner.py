@@ -1,11 +1,14 @@
 """The latent reasoner: any Hugging Face causal LM + LatentRATT, with the cached fast path.
 
-Data flow (SPEC sections 3-4): ``encode_prompt`` runs the backbone's base model once over the
-prompt (final-norm hidden states H and a KV cache; never the LM head), ``latents`` turns H into
-r_1..r_N (N > 1 continues autoregressively on the cache, then crops it back to the prompt),
-``suffix_forward`` feeds ``[r_1..r_N, target[:-1]]`` on the prompt cache and returns the hidden
-states that predict the target tokens, and ``target_logprobs`` reduces them through the fused
-LM-head log-prob op (no [rows x positions x vocab] logits).
+Data flow (paper Sec. 3.1, Eqs. 2-3; the scored ``log P(y_i | x, r, y_<i)`` of Eqs. 4 and 6):
+``encode_prompt`` runs the backbone's base model once over the prompt (final-norm hidden states
+H and a KV cache; never the LM head), ``latents`` turns H into r_1..r_N (N > 1 continues
+autoregressively on the cache, then crops it back to the prompt), ``suffix_forward`` feeds
+``[r_1..r_N, target[:-1]]`` on the prompt cache and returns the hidden states that predict the
+target tokens, and ``target_logprobs`` reduces them through the fused LM-head log-prob op (no
+[rows x positions x vocab] logits). The three steps are the shared core in
+:mod:`latentr3_fast.model.prefix_scoring`; activation checkpointing is in
+:mod:`latentr3_fast.model.checkpointing`.
 
 Positions always count non-padding tokens only (``cumsum(mask) - 1``), so left-padded,
 right-padded and unpadded prompts give the same results, matching what ``generate`` does.
@@ -14,8 +17,6 @@ right-padded and unpadded prompts give the same results, matching what ``generat
 from __future__ import annotations
 
 import copy
-import importlib.util
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -23,21 +24,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DynamicCache,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, DynamicCache
 
+from ..data import THOUGHT_TOKEN
 from ..errors import ConfigError, LatentR3Error
+from . import checkpointing, prefix_scoring
+from .loading import (
+    default_attn_implementation,
+    load_tokenizer,
+    prepare_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 from .logits import final_logit_scale
-from .ratt import LatentRATT, last_index, token_positions
-
-try:  # the data layer owns the literal; fall back while it is being written
-    from ..data import THOUGHT_TOKEN
-except ImportError:  # pragma: no cover - only before the data module lands
-    THOUGHT_TOKEN = "<|Thought|>"
+from .ratt import LatentRATT, last_index
 
 __all__ = [
     "CONFIG_NAME",
@@ -45,122 +45,12 @@ __all__ = [
     "RATT_WEIGHTS_NAME",
     "THOUGHT_TOKEN",
     "LatentReasoner",
-    "default_attn_implementation",
-    "resolve_device",
-    "resolve_dtype",
 ]
 
 CONFIG_NAME = "latentr3_config.json"
 RATT_WEIGHTS_NAME = "latent_ratt.safetensors"
 LATENT_MODES = ("ratt", "hidden")
 _LAST_HIDDEN_ATTR = "_latentr3_prompt_last_hidden"
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None``/``"auto"`` -> bf16 on CUDA, fp32 on CPU; also accepts fp32/bf16/fp16 names."""
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"torch_dtype={dtype!r}: expected one of {sorted(_DTYPES)} or 'auto'")
-    return _DTYPES[dtype]
-
-
-def default_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
-    """flash_attention_2 on CUDA in half precision when flash-attn is importable, else sdpa."""
-    if (
-        device.type == "cuda"
-        and dtype in (torch.bfloat16, torch.float16)
-        and importlib.util.find_spec("flash_attn") is not None
-    ):
-        return "flash_attention_2"
-    return "sdpa"
-
-
-class _ReplayCache:
-    """Read-only stand-in for a DynamicCache while a checkpointed layer is recomputed.
-
-    The original call saw the first ``past`` cached positions of its layer; later calls have
-    appended (or cropped) since, but never changed those positions, so the replay rebuilds the
-    exact keys/values the original attention used, without writing to the cache again.
-    """
-
-    def __init__(self, cache: Any, past: int) -> None:
-        self._cache = cache
-        self._past = past
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self._past == 0:
-            return key_states, value_states
-        layer = self._cache.layers[layer_idx]
-        k = layer.keys[..., : self._past, :]
-        v = layer.values[..., : self._past, :]
-        return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cache, name)
-
-
-def _checkpointed_forward(layer: nn.Module, idx: int, orig: Any, cache_kw: str) -> Any:
-    """Wrap a decoder layer's forward in non-reentrant activation checkpointing that keeps
-    the KV cache working (transformers' own checkpointing drops the cache)."""
-
-    def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not (layer.training and torch.is_grad_enabled()):
-            return orig(hidden_states, *args, **kwargs)
-        cache = kwargs.get(cache_kw)
-        past = cache.layers[idx].get_seq_length() if cache is not None else 0
-        first = [True]
-
-        def run(h: torch.Tensor) -> Any:
-            if first[0]:
-                first[0] = False
-                return orig(h, *args, **kwargs)
-            kw = dict(kwargs)
-            if cache is not None:
-                kw[cache_kw] = _ReplayCache(cache, past)
-            return orig(h, *args, **kw)
-
-        return torch.utils.checkpoint.checkpoint(run, hidden_states, use_reentrant=False)
-
-    return forward
-
-
-def load_tokenizer(name_or_path: str | Path) -> Any:
-    """Load a tokenizer exactly as it was saved.
-
-    A tokenizer saved from a plain ``tokenizers`` backend (e.g. the tiny BPE of the embedded
-    default) must be loaded verbatim: ``AutoTokenizer`` would pick the backbone's class from
-    ``config.json`` (Qwen2Tokenizer) and rebuild the pre-tokenizer, silently changing how
-    digits are split, so a saved model would see different tokens than it was trained on.
-    """
-    path = Path(name_or_path)
-    cfg_file = path / "tokenizer_config.json"
-    if path.is_dir() and cfg_file.is_file() and (path / "tokenizer.json").is_file():
-        try:
-            tok_class = json.loads(cfg_file.read_text()).get("tokenizer_class")
-        except json.JSONDecodeError:
-            tok_class = None
-        if tok_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(str(path))
-    return AutoTokenizer.from_pretrained(str(name_or_path))
 
 
 class LatentReasoner(nn.Module):
@@ -170,9 +60,9 @@ class LatentReasoner(nn.Module):
         backbone: a transformers causal LM (``AutoModelForCausalLM``-style).
         tokenizer: its tokenizer; the thought token is added when missing (and the embeddings
             resized when the new id does not fit). A missing pad token is set to EOS (Qwen).
-        num_latent: N latent steps (0 = the "w/o reasoning" baseline).
-        latent_mode: ``"ratt"`` (LatentRATT) or ``"hidden"`` (the "w/o LatentRATT" ablation:
-            r = final-norm hidden state of the last position).
+        num_latent: N latent steps (paper Sec. 4.3.3; 0 = the "w/o reasoning" baseline).
+        latent_mode: ``"ratt"`` (LatentRATT, Eq. 3) or ``"hidden"`` (the "w/o LatentRATT"
+            ablation of Sec. 4.3.2: r = final-norm hidden state of the last position).
         ratt: an existing LatentRATT (else a fresh one in ratt mode).
         ratt_heads, rope_base: LatentRATT shape when a fresh one is built.
 
@@ -203,10 +93,7 @@ class LatentReasoner(nn.Module):
         self.tokenizer = tokenizer
         self.num_latent = num_latent
         self.latent_mode = latent_mode
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        if THOUGHT_TOKEN not in tokenizer.get_vocab():
-            tokenizer.add_tokens([THOUGHT_TOKEN], special_tokens=True)
+        prepare_tokenizer(tokenizer)
         self.thought_token_id = int(tokenizer.convert_tokens_to_ids(THOUGHT_TOKEN))
         if self.thought_token_id >= backbone.get_input_embeddings().weight.shape[0]:
             backbone.resize_token_embeddings(len(tokenizer))
@@ -221,9 +108,7 @@ class LatentReasoner(nn.Module):
             self.ratt: LatentRATT | None = ratt.to(self.device)
         else:
             self.ratt = None
-        params = inspect.signature(self.base_model.forward).parameters
-        # transformers 5.x renamed past_key_values -> cache (the old name is deprecated).
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = prefix_scoring.cache_keyword(self.base_model)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -255,29 +140,18 @@ class LatentReasoner(nn.Module):
         return getattr(self.backbone.get_output_embeddings(), "bias", None)
 
     # ------------------------------------------------------------------ checkpointing
-    def _decoder_layers(self) -> nn.ModuleList:
-        layers = getattr(self.base_model, "layers", None)
-        if not isinstance(layers, nn.ModuleList):
-            raise ConfigError(
-                f"gradient checkpointing: {type(self.base_model).__name__} has no `layers` "
-                "ModuleList of decoder layers"
-            )
-        return layers
-
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer in backward (KV-cache aware; works with the cached
         prompt + suffix path, unlike transformers' built-in checkpointing)."""
-        for idx, layer in enumerate(self._decoder_layers()):
-            if "forward" not in layer.__dict__:
-                layer.forward = _checkpointed_forward(layer, idx, layer.forward, self._cache_kw)
+        layers = checkpointing.decoder_layers(self.base_model)
+        checkpointing.enable_checkpointing(layers, self._cache_kw)
 
     def gradient_checkpointing_disable(self) -> None:
-        for layer in self._decoder_layers():
-            layer.__dict__.pop("forward", None)
+        checkpointing.disable_checkpointing(checkpointing.decoder_layers(self.base_model))
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any("forward" in layer.__dict__ for layer in self._decoder_layers())
+        return checkpointing.is_checkpointing(checkpointing.decoder_layers(self.base_model))
 
     # ------------------------------------------------------------------ building blocks
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -286,7 +160,7 @@ class LatentReasoner(nn.Module):
 
     def new_cache(self) -> DynamicCache:
         """An empty dynamic KV cache for this backbone."""
-        return DynamicCache(config=self.backbone.config)
+        return prefix_scoring.new_cache(self.backbone)
 
     def _base_forward(
         self,
@@ -296,15 +170,16 @@ class LatentReasoner(nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = self.base_model(
+        """One base-model forward appending to ``cache``; ``[B, S, d]`` hidden states."""
+        return prefix_scoring.run_decoder(
+            self.base_model,
+            self._cache_kw,
+            mask,
+            position_ids,
+            cache,
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{self._cache_kw: cache},
         )
-        return out.last_hidden_state
 
     def encode_prompt(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
@@ -327,8 +202,8 @@ class LatentReasoner(nn.Module):
         if not bool(prompt_mask.bool().any(-1).all()):
             raise LatentR3Error("encode_prompt: a prompt row has no real token (all padding)")
         cache = self.new_cache()
-        hidden = self._base_forward(
-            prompt_mask, token_positions(prompt_mask), cache, input_ids=prompt_ids
+        hidden = prefix_scoring.encode_prefix(
+            self.base_model, self._cache_kw, cache, prompt_mask, input_ids=prompt_ids
         )
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         setattr(cache, _LAST_HIDDEN_ATTR, hidden[rows, last_index(prompt_mask)])
@@ -353,11 +228,15 @@ class LatentReasoner(nn.Module):
                 f"forward_embeds: cache holds {past_len} positions but past_mask has "
                 f"{past_mask.shape[1]} columns"
             )
-        b, s, _ = inputs_embeds.shape
-        ones = past_mask.new_ones(b, s)
-        mask = torch.cat([past_mask, ones], dim=1)
-        pos = past_mask.long().sum(-1, keepdim=True) + torch.arange(s, device=past_mask.device)
-        return self._base_forward(mask, pos, cache, inputs_embeds=inputs_embeds.to(self.dtype))
+        batch, new_len, _ = inputs_embeds.shape
+        return prefix_scoring.continue_on_cache(
+            self.base_model,
+            self._cache_kw,
+            cache,
+            past_mask,
+            inputs_embeds.to(self.dtype),
+            past_mask.new_ones(batch, new_len),
+        )
 
     def _latent_step(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One latent vector ``[B, d]`` fp32 from hidden states ``[B, L, d]``."""
@@ -400,17 +279,17 @@ class LatentReasoner(nn.Module):
             return hidden.new_zeros(b, 0, d, dtype=torch.float32)
         if first is not None and tuple(first.shape) != (b, d):
             raise ConfigError(f"latents: first must be [B={b}, d={d}], got {tuple(first.shape)}")
-        rs = [self._latent_step(hidden, prompt_mask) if first is None else first.float()]
-        if n > 1:
-            h_all, m_all = hidden, prompt_mask
+        thoughts = [self._latent_step(hidden, prompt_mask) if first is None else first.float()]
+        if n > 1:  # Eq. 2: H_i over [x, r_1..r_i], continued on the prompt cache
+            seen_hidden, seen_mask = hidden, prompt_mask
             one = prompt_mask.new_ones(b, 1)
             for _ in range(n - 1):
-                h_new = self.forward_embeds(rs[-1].unsqueeze(1), m_all, cache)
-                h_all = torch.cat([h_all, h_new], dim=1)
-                m_all = torch.cat([m_all, one], dim=1)
-                rs.append(self._latent_step(h_all, m_all))
+                new_hidden = self.forward_embeds(thoughts[-1].unsqueeze(1), seen_mask, cache)
+                seen_hidden = torch.cat([seen_hidden, new_hidden], dim=1)
+                seen_mask = torch.cat([seen_mask, one], dim=1)
+                thoughts.append(self._latent_step(seen_hidden, seen_mask))
             cache.crop(-(n - 1))
-        return torch.stack(rs, dim=1)
+        return torch.stack(thoughts, dim=1)
 
     def suffix_forward(
         self,
@@ -441,12 +320,12 @@ class LatentReasoner(nn.Module):
                 f"suffix_forward: batch sizes differ (latents {latent_embeds.shape[0]}, "
                 f"targets {b}, prompt_mask {prompt_mask.shape[0]})"
             )
-        tgt_emb = self.embed(target_ids[:, :-1])
-        if n > 0:
-            h = self.forward_embeds(
-                torch.cat([latent_embeds.to(self.dtype), tgt_emb], dim=1), prompt_mask, cache
+        target_embeds = self.embed(target_ids[:, :-1])
+        if n > 0:  # r_N predicts target[0]
+            hidden = self.forward_embeds(
+                torch.cat([latent_embeds.to(self.dtype), target_embeds], dim=1), prompt_mask, cache
             )
-            return h[:, n - 1 :]
+            return hidden[:, n - 1 :]
         last = prompt_last_hidden
         if last is None:
             last = getattr(cache, _LAST_HIDDEN_ATTR, None)
@@ -461,8 +340,8 @@ class LatentReasoner(nn.Module):
             )
         if t == 1:
             return last.unsqueeze(1)
-        h = self.forward_embeds(tgt_emb, prompt_mask, cache)
-        return torch.cat([last.unsqueeze(1).to(h.dtype), h], dim=1)
+        hidden = self.forward_embeds(target_embeds, prompt_mask, cache)
+        return torch.cat([last.unsqueeze(1).to(hidden.dtype), hidden], dim=1)
 
     def target_logprobs(
         self,
@@ -482,19 +361,14 @@ class LatentReasoner(nn.Module):
         Returns:
             logp: ``[B, T]`` float32, 0 where ``target_mask`` is 0.
         """
-        from ..ops import fused_linear_logprob  # late: the ops layer may land after this one
-
-        b, t, d = hidden.shape
-        targets = target_ids.masked_fill(~target_mask.bool(), -100)
-        logp = fused_linear_logprob(
-            hidden.reshape(b * t, d),
+        return prefix_scoring.target_logprobs(
+            hidden,
             self.lm_head_weight,
-            targets.reshape(b * t),
-            bias=self.lm_head_bias,
-            ignore_index=-100,
-            temperature=temperature / self.logit_scale,
+            self.lm_head_bias,
+            target_ids,
+            target_mask,
+            temperature / self.logit_scale,
         )
-        return logp.view(b, t)
 
     def forward(
         self,
@@ -510,9 +384,9 @@ class LatentReasoner(nn.Module):
             logp: ``[B, T]`` float32 target-token log-probs (0 at padding).
         """
         hidden, cache = self.encode_prompt(prompt_ids, prompt_mask)
-        r = self.latents(hidden, prompt_mask, cache, num_latent)
-        h = self.suffix_forward(cache, prompt_mask, r, target_ids)
-        return self.target_logprobs(h, target_ids, target_mask)
+        thoughts = self.latents(hidden, prompt_mask, cache, num_latent)
+        predicting = self.suffix_forward(cache, prompt_mask, thoughts, target_ids)
+        return self.target_logprobs(predicting, target_ids, target_mask)
 
     @staticmethod
     def expand_cache(cache: DynamicCache, repeats: int) -> DynamicCache:
@@ -547,18 +421,6 @@ class LatentReasoner(nn.Module):
                 "rope_base": self.ratt.rope_base,
             }
         return cfg
-
-    def recommend(self, histories: Any, k: int = 10, **kwargs: Any) -> Any:
-        """Top-k catalogue items per user; see :func:`latentr3_fast.decode.recommend`.
-
-        Args:
-            histories: per user, a list of history titles (or item ids with ``catalog=``).
-            k: items returned per user.
-            kwargs: ``catalog``, ``category``, ``num_beams``, ``length_penalty``, ... passed on.
-        """
-        from ..decode import recommend
-
-        return recommend(self, histories, k, **kwargs)
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         """Write backbone (HF format, safetensors), tokenizer, LatentRATT weights

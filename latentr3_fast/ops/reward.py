@@ -1,4 +1,9 @@
-"""Perplexity reward (SPEC section 5): ``s = -exp(-mean_masked(log p(y_i)))`` per row."""
+"""Tensor-level perplexity reward (paper Sec. 3.2.2, Eq. 6): ``s = -exp(-mean log p(y_i))``.
+
+``ppl_reward`` from per-token log-probs, ``perplexity_reward_from_hidden`` from the hidden states
+that predict the target tokens, and ``mean_logprob``; see ``latentr3_fast.reward`` for how the
+three reward modules are named.
+"""
 
 from __future__ import annotations
 

@@ -1,17 +1,19 @@
-"""Pluggable rewards for the GRPO trainer (SPEC 5.2 and 5.7).
+"""Rollout rewards of our GRPO trainer (paper Sec. 3.2.2 "Reward Design" and Sec. 4.3.4).
 
 The trainer runs one *rollout* per micro-batch of prompts: the prompt forward, the latent(s),
-the G-way Gaussian expansion and (when the reward asks for it) the suffix forward that yields
-the per-token log-probs of the ground-truth target. A reward object turns that rollout into one
-scalar per row:
+the G-way Gaussian expansion (Eq. 5) and (when the reward asks for it) the suffix forward that
+yields the per-token log-probs of the ground-truth target. A reward object turns that rollout
+into one scalar per row. (Naming: this module holds the rewards *of a rollout*; the drop-in
+reward for other trainers is ``latentr3_fast.reward``, the tensor ops ``latentr3_fast.ops``.)
 
-* :class:`RolloutPerplexityReward` (default, the paper's modified GRPO):
-  ``s = -exp(-mean log p(y))`` from the log-probs the rollout already computed; no decoding.
-  (For other trainers, ``latentr3_fast.reward.PerplexityReward`` computes the same reward from
-  a plain Hugging Face model.)
-* :class:`HitReward` ("original GRPO", paper 4.3.4 / App. F): decode every row with a
-  constrained decoder and reward 1 when the decoded title equals the target's title. It also
-  returns the decoded completions, on which the trainer then computes the policy loss.
+* :class:`RolloutPerplexityReward` (config ``reward="ppl"``, the paper's modified GRPO):
+  the perplexity reward of Eq. 6, ``s = -exp(-mean log p(y))``, from the log-probs the rollout
+  already computed; no decoding. (``latentr3_fast.reward.PerplexityReward`` computes the same
+  reward from a plain Hugging Face model.)
+* :class:`HitReward` (config ``reward="hit"``, "original GRPO", paper Sec. 4.3.4 / App. F):
+  decode every row with a constrained decoder and reward 1 when the decoded title equals the
+  target's title. It also returns the decoded completions, on which the trainer then computes
+  the policy loss.
 
 A custom reward implements :class:`RewardFunction`; a TRL-style completion reward
 ``f(prompts, completions, **kwargs) -> list[float]`` plugs into :class:`HitReward` as
@@ -109,7 +111,7 @@ class RewardFunction(Protocol):
 
 
 class RolloutPerplexityReward:
-    """Minus the perplexity of the ground-truth target (SPEC 5.2): s = -exp(-mean_i log p_i)."""
+    """The perplexity reward of the ground-truth target (paper Eq. 6): ``-exp(-mean_i log p_i)``."""
 
     name = "ppl"
     needs_target_logprobs = True
@@ -186,7 +188,7 @@ def beam_decoder(
 
 
 class HitReward:
-    """0/1 exact-match reward on the decoded answer ("original GRPO", SPEC 5.7).
+    """0/1 exact-match reward on the decoded answer ("original GRPO", paper Sec. 4.3.4).
 
     Args:
         decoder: decodes one answer per row (see ``Decoder``), typically

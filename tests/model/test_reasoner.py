@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backbones import softcapped_gemma2
 from ratt_reference import reference_ratt
 
 from latentr3_fast.data import train_tokenizer
@@ -315,16 +316,18 @@ def test_gradient_checkpointing_same_gradients(tokenizer, n):
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
-def test_recommend_method_matches_function(tokenizer):
-    """``reasoner.recommend`` is the decode-layer ``recommend`` bound to the model."""
+def test_recommend_takes_the_reasoner(tokenizer):
+    """``latentr3_fast.decode.recommend(model, ...)`` is the one entry point: the model layer
+    does not import decode (no ``reasoner.recommend`` method)."""
     from latentr3_fast.data import make_synthetic
     from latentr3_fast.decode import recommend
 
     ds = make_synthetic(num_items=30, num_users=20, seed=3)
     tok = train_tokenizer([t + "\n" for t in ds.items.titles] * 3, vocab_size=300)
     model = tiny_qwen2(tok, hidden_size=32, seed=2).eval()
+    assert not hasattr(model, "recommend")
     histories = [list(s.history_titles) for s in ds.test[:2]]
-    a = model.recommend(histories, k=3, catalog=ds, num_beams=4)
+    a = recommend(model, histories, k=3, catalog=ds, num_beams=4)
     b = recommend(model, histories, 3, catalog=ds, num_beams=4)
     assert a == b
     assert all(len(row) == 3 for row in a)
@@ -413,20 +416,7 @@ def test_final_logit_scale_matches_the_models_own_logits(tokenizer, kind, n):
 def test_softcapping_backbone_is_rejected(tokenizer):
     """Gemma 2's tanh soft-cap is not a linear map the fused head could fold in: a clear
     error at construction instead of silently wrong losses, rewards and beam scores."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    bb = Gemma2ForCausalLM(
-        Gemma2Config(
-            vocab_size=len(tokenizer) + 1,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            intermediate_size=64,
-            final_logit_softcapping=30.0,
-        )
-    )
+    bb = softcapped_gemma2(len(tokenizer) + 1)
     with pytest.raises(ConfigError, match="LatentReasoner: .*final_logit_softcapping=30.0"):
         LatentReasoner(bb, tokenizer)
     bb.config.final_logit_softcapping = None  # the same model without the cap is accepted

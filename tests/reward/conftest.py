@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
+
+# bench/ holds the reference implementations the tests compare against, tests/model the tiny
+# backbones both test directories build (neither is a package)
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests" / "model"))
+from backbones import tiny_qwen2_lm  # noqa: E402
 
 TITLES = [
     "Greatest Hits",
@@ -17,29 +26,6 @@ TITLES = [
 ]
 
 
-def tiny_qwen2(vocab_size: int = 300, attn: str = "sdpa", seed: int = 0, hidden: int = 64):
-    """A 2-layer Qwen2 causal LM in fp32, eval mode."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    cfg._attn_implementation = attn
-    model = Qwen2ForCausalLM(cfg).eval()
-    # Larger head weights than the default init so log-probs are far from uniform.
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.2)
-    return model
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     from latentr3_fast.data import train_tokenizer
@@ -50,9 +36,9 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def make_qwen2():
     """Factory fixture: ``make_qwen2(vocab_size=..., attn=..., seed=..., hidden=...)``."""
-    return tiny_qwen2
+    return tiny_qwen2_lm
 
 
 @pytest.fixture(scope="session")
 def qwen():
-    return tiny_qwen2()
+    return tiny_qwen2_lm()

@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+from backbones import softcapped_gemma2
+from reference_reward import plain_logprobs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import latentr3_fast.ops
 from latentr3_fast.errors import ConfigError, DataError
-from latentr3_fast.reward import PerplexityReward, grpo_advantage, plain_logprobs
+from latentr3_fast.reward import PerplexityReward, grpo_advantage
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -269,20 +271,7 @@ def test_other_architectures_and_logit_scale():
 
 
 def test_softcapping_rejected():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    model = Gemma2ForCausalLM(
-        Gemma2Config(
-            vocab_size=300,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            intermediate_size=64,
-            final_logit_softcapping=30.0,
-        )
-    )
+    model = softcapped_gemma2(300)
     with pytest.raises(ConfigError, match="final_logit_softcapping"):
         PerplexityReward(model)
 
