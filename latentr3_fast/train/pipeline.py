@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
@@ -24,30 +23,18 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
-from .config import EMBEDDED_DEFAULTS, RunConfig, save_config
+from .config import (  # noqa: F401 (apply_embedded_defaults, uses_tiny_backbone: API)
+    RunConfig,
+    apply_embedded_defaults,
+    save_config,
+    uses_tiny_backbone,
+)
 from .rundir import RUN_MARKERS, load_timings, record_timing  # noqa: F401 (RUN_MARKERS: API)
 from .rundir import prepare_output_dir as _prepare_output_dir
 from .runtime import apply_threads, check_runtime
 
 MODEL_NAMES = {"sft_baseline": "w/o reasoning", "sft": "SFT only", "grpo": "LatentR3"}
 LATENT_USAGE_ROWS = 1000  # validation rows of the CLI's latent swap test
-
-
-def uses_tiny_backbone(cfg: RunConfig) -> bool:
-    """True when no --model is given: the tiny backbone is trained from scratch."""
-    return cfg.model is None
-
-
-def apply_embedded_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
-    """Replace the reference defaults by the tiny-backbone profile for options not given.
-
-    The profile is what makes a from-scratch tiny model train at all (the reference's lr 3e-4
-    and batch 128 are tuned for a pretrained 1.5B model); it applies to ANY data, real or
-    synthetic, whenever the backbone is the tiny one."""
-    if not uses_tiny_backbone(cfg):
-        return cfg
-    updates = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given}
-    return dataclasses.replace(cfg, **updates)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -204,74 +191,23 @@ def prompt_builder(cfg: RunConfig, model: Any, dataset: Any):
 
 
 def run_sft(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
-    """Stage 1 on ``model`` (in place); returns the SFTResult."""
-    from .sft import SFTConfig, SFTTrainer
+    """Stage 1 (paper Sec. 3.2.1) on ``model`` (in place); returns the SFTResult."""
+    from .sft import SFTTrainer
 
     pb = prompt_builder(cfg, model, dataset)
-    micro = min(cfg.sft_micro_batch_size, cfg.sft_batch_size)
-    sft_cfg = SFTConfig(
-        output_dir=str(out_dir),
-        epochs=max(1, math.ceil(cfg.sft_epochs)),
-        batch_size=micro,
-        grad_accum=max(1, cfg.sft_batch_size // micro),
-        eval_batch_size=cfg.eval_batch_size * 2,
-        lr=cfg.sft_lr,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        warmup_steps=cfg.sft_warmup_steps,
-        eval_steps=cfg.sft_eval_steps,
-        patience=cfg.sft_patience,
-        max_steps=cfg.max_steps,
-        max_train_samples=cfg.max_train_samples,
-        max_eval_samples=cfg.max_eval_samples,
-        seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        save_steps=cfg.save_steps,
-        resume=cfg.resume,
-    )
     train = pb.encode_many(dataset.train[: cfg.max_train_samples])
     valid = pb.encode_many(dataset.valid[: cfg.max_eval_samples])
-    return SFTTrainer(model, sft_cfg, train, valid).train()
+    return SFTTrainer(model, cfg.sft_config(str(out_dir)), train, valid).train()
 
 
 def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
-    """Stage 2 on ``model`` (in place); returns the trainer's result."""
-    from .grpo import GRPOConfig, GRPOTrainer
+    """Stage 2 (paper Sec. 3.2.2) on ``model`` (in place); returns the trainer's result."""
+    from .grpo import GRPOTrainer
 
     pb = prompt_builder(cfg, model, dataset)
     train = pb.encode_many(dataset.train[: cfg.max_train_samples])
     valid = pb.encode_many(dataset.valid[: cfg.max_eval_samples])
-    grpo_cfg = GRPOConfig(
-        output_dir=str(out_dir),
-        num_generations=cfg.num_generations,
-        sigma=cfg.sigma,
-        reward=cfg.reward,
-        advantage=cfg.advantage,
-        estimator=cfg.estimator,
-        advantage_batch=cfg.advantage_batch,
-        epsilon=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high,
-        num_iterations=cfg.num_iterations,
-        beta=cfg.beta,
-        include_clean_in_loss=cfg.include_clean_in_loss,
-        trainable=cfg.trainable,
-        prompts_per_step=min(cfg.prompts_per_step, len(train)),
-        micro_batch_prompts=cfg.grpo_micro_batch_prompts,
-        lr=cfg.grpo_lr,
-        warmup_steps=cfg.grpo_warmup_steps,
-        optimizer=cfg.optim,
-        epochs=cfg.grpo_epochs,
-        max_steps=cfg.max_steps,
-        seed=cfg.seed,
-        save_every=cfg.save_steps,
-        resume=cfg.resume,
-        eval_steps=cfg.grpo_eval_steps,
-        eval_samples=cfg.grpo_eval_samples,
-        eval_metric=cfg.grpo_eval_metric,
-        eval_batch_size=cfg.eval_batch_size,
-        patience=cfg.grpo_patience,
-        load_best_at_end=cfg.grpo_select == "best",
-    )
+    grpo_cfg = cfg.grpo_config(str(out_dir), num_train=len(train))
     reward = None
     if cfg.reward == "hit":
         from ..decode.recommend import catalogue_trie

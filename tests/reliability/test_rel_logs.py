@@ -125,9 +125,9 @@ def test_grpo_log_and_checkpoint_state_do_not_grow(data, tmp_path):
         warmup_steps=0,
         max_steps=5,
         epochs=8.0,
-        save_every=1,
-        save_total_limit=0,
-        log_every=1,
+        save_steps=1,
+        keep_checkpoints=0,
+        logging_steps=1,
         progress=False,
         save_final_model=False,
     )

@@ -78,12 +78,12 @@ def main() -> None:
         lr=1e-3,
         warmup_steps=1,
         max_steps=args.grpo_steps,
-        save_every=1,
-        save_total_limit=2,
+        save_steps=1,
+        keep_checkpoints=2,
         seed=0,
         progress=False,
         resume=args.resume,
-        log_every=1,
+        logging_steps=1,
         save_final_model=False,
     )
     grpo = GRPOTrainer(model, grpo_cfg, train)

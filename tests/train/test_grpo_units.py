@@ -330,7 +330,7 @@ def test_train_logs_checkpoints_and_resumes(tmp_path):
     ref_tr = GRPOTrainer(ref_model, GRPOConfig(max_steps=4, **common), samples)
     ref_tr.train()
     # interrupted: 2 steps, then a new trainer resumes from the checkpoint to 4
-    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=4, save_every=1, **common)
+    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=4, save_steps=1, **common)
     tr = GRPOTrainer(model, cfg, samples)
     hist = tr.train(num_steps=2)  # "crash" after 2 of 4 steps
     assert len(hist) == 2 and (tmp_path / "checkpoints" / "step-00000002").is_dir()

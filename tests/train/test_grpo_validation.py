@@ -222,7 +222,7 @@ def test_resume_keeps_the_best_weights_from_the_checkpoint(data, tmp_path):
     assert full.best_step == 2
 
     model = _model()
-    tr = _scripted(model, data, script, max_steps=5, output_dir=str(tmp_path), save_every=1)
+    tr = _scripted(model, data, script, max_steps=5, output_dir=str(tmp_path), save_steps=1)
     tr.train(num_steps=3)  # "crash" after step 3
     ckpt = tmp_path / "checkpoints" / "step-00000003"
     assert (ckpt / "best_weights.safetensors").is_file()
@@ -293,7 +293,7 @@ def test_trainable_all_best_weights_survive_resume(data, tmp_path):
     """With the whole model trainable the best copy is the whole model (backbone included),
     stored in the checkpoint and loaded at the end of a resumed run."""
     script = {0: 1.0, 1: 5.0, 2: 2.0, 3: 3.0}
-    kw = dict(max_steps=3, trainable="all", lr=1e-3, output_dir=str(tmp_path), save_every=1)
+    kw = dict(max_steps=3, trainable="all", lr=1e-3, output_dir=str(tmp_path), save_steps=1)
     tr = ScriptedAll(_model(), _cfg(**kw), data, valid_data=data[:2])
     tr.script = script
     tr.train(num_steps=2)  # "crash" after step 2; best = step 1
