@@ -257,22 +257,24 @@ def popularity_baseline(
     dataset: Any, max_samples: int | None, exclude_seen: bool = False
 ) -> dict[str, Any]:
     """HR/NDCG of ranking items by train popularity (a sanity floor for every model); with
-    ``exclude_seen`` each row's history titles are skipped, as for the models."""
-    from ..eval import metrics_from_ranks
+    ``exclude_seen`` each row's history titles are skipped, as for the models. Titles match by
+    ``normalize_title``, the rule of the evaluation."""
+    from ..eval import metrics_from_ranks, normalize_title
 
     order = sorted(range(len(dataset.popularity)), key=lambda i: -int(dataset.popularity[i]))
-    titles = dataset.items.titles
     top_titles: list[str] = []
     for i in order:  # distinct titles, in popularity order (20 + room for a 10-item history)
-        if titles[i] not in top_titles:
-            top_titles.append(titles[i])
+        title = normalize_title(dataset.items.titles[i])
+        if title not in top_titles:
+            top_titles.append(title)
         if len(top_titles) == 30:
             break
     ranks = []
     for s in dataset.test[:max_samples]:
-        seen = set(s.history_titles) if exclude_seen else set()
+        seen = {normalize_title(t) for t in s.history_titles} if exclude_seen else set()
         ranked = [t for t in top_titles if t not in seen][:20]
-        ranks.append(ranked.index(s.target_title) if s.target_title in ranked else None)
+        target = normalize_title(s.target_title)
+        ranks.append(ranked.index(target) if target in ranked else None)
     rec = {"model": "popularity", "stage": "popularity", "scoring": "-"}
     rec.update(metrics_from_ranks(ranks))
     return rec

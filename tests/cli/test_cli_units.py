@@ -232,3 +232,16 @@ def test_trainer_checks_name_the_flag(kwargs, message):
     assert str(err.value) == message
     with pytest.raises(ConfigError, match=r"^GRPOConfig: sigma must be >= 0, got -1.0$"):
         GRPOConfig(sigma=-1.0)
+
+
+def test_popularity_baseline_matches_titles_as_the_evaluation_does():
+    """Titles differing only by the quotes/spaces ``normalize_title`` strips are one item."""
+    from latentr3_fast.data import ItemCatalog, RecDataset, Sample
+
+    titles = ['"A"\n', "A", "B"]
+    train = [Sample((2,), ("B",), t, titles[t]) for t in (0, 0, 1, 2)]  # A (two ids) > B
+    test = [Sample((2,), ("B",), 1, "A"), Sample((0,), ('"A"\n',), 2, "B")]
+    tiny = RecDataset(train, [], test, ItemCatalog(titles), "x", "x")
+    keep, drop = popularity_baseline(tiny, None), popularity_baseline(tiny, None, True)
+    assert keep["HR@1"] == 0.5 and keep["HR@5"] == 1.0  # "A" is 1st, "B" 2nd (not 3rd)
+    assert drop["HR@1"] == 1.0  # row 2's history '"A"\n' is "A": skipped, "B" comes 1st
