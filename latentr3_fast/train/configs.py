@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import ConfigError
 from .common import OPTIMIZERS, SCHEDULES
@@ -47,7 +47,7 @@ def option(default: Any = None, help: str = "", flag: str | None = None, **kw: A
 class _Checked:
     """Shared value checks of the two configs (each raises OptionError naming the option)."""
 
-    def _fail(self, template: str) -> None:
+    def _fail(self, template: str) -> NoReturn:
         raise OptionError(type(self).__name__, template)
 
     def _check_choices(self, choices: dict[str, tuple[str, ...]]) -> None:
