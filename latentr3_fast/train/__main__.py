@@ -12,9 +12,9 @@ torch.set_flush_denormal(True)  # first torch call: denormals slow tiny-model CP
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 bad input, 3 training failure)."""
     from ..errors import LatentR3Error, TrainingError
-    from .config import load_config
+    from .config import apply_embedded_defaults, load_config
     from .interrupt import TrainingInterrupted, install_handlers
-    from .pipeline import apply_embedded_defaults, run
+    from .pipeline import run
 
     _quiet_hf()
     install_handlers()  # Ctrl-C / SIGTERM during training: finish the step, checkpoint, stop

@@ -1,4 +1,11 @@
-"""The run configuration of ``python -m latentr3_fast.train``: one dataclass, one flag per field.
+"""The run configuration of ``python -m latentr3_fast.train``, generated from three dataclasses.
+
+``RunArgs`` holds what is not a trainer setting (data, model, stages, output, machine,
+evaluation); every field of ``SFTConfig`` and ``GRPOConfig`` becomes a flag of its own
+(``--sft-<name>``, ``--grpo-<name>``, or the spelling in its ``metadata["flag"]``), except the
+fields in ``TRAINER_FIELDS_FROM_RUN``, which the pipeline fills from run arguments. ``RunConfig``
+is the flat union of them all: one attribute per flag, as the YAML ``--config`` file and the
+saved ``config.yaml`` spell them.
 
 Precedence: built-in defaults < ``--config FILE.yaml`` < command-line flags. The effective
 configuration is written next to the results (``config.yaml``) so every run can be repeated.
@@ -8,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,12 +25,13 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from .configs import GRPOConfig, OptionError, SFTConfig
 
 STAGES = ("sft", "grpo", "eval", "all")
 
 # The tiny-backbone profile (a tiny Qwen2 trained from scratch on CPU). It applies whenever no
 # --model is given, whatever the data (synthetic or real), and only to options the user did not
-# set; the reference hyperparameters (SPEC) stay the defaults for pretrained backbones.
+# set; the reference hyperparameters (paper App. C) stay the defaults for pretrained backbones.
 EMBEDDED_DEFAULTS: dict[str, Any] = {
     "sft_lr": 3e-3,
     "sft_batch_size": 32,
@@ -42,8 +51,10 @@ EMBEDDED_DEFAULTS: dict[str, Any] = {
 
 
 @dataclass
-class RunConfig:
-    """Every option of the pipeline. Field docs (the ``help`` metadata) are the ``--help`` text."""
+class RunArgs:
+    """The options of a run that are not a setting of one trainer: data, model, stages, output,
+    machine, evaluation, and the few flags that map onto trainer fields by a rule
+    (``TRAINER_FIELDS_FROM_RUN``). Field docs (the ``help`` metadata) are the ``--help`` text."""
 
     # --- run ---
     data: str = field(
@@ -103,6 +114,9 @@ class RunConfig:
             "end, and both on Ctrl-C/SIGTERM after the step in flight)"
         },
     )
+    optim: str = field(
+        default="adamw", metadata={"help": "adamw | adamw_8bit (bitsandbytes, CUDA)"}
+    )
     baseline: bool = field(
         default=True,
         metadata={
@@ -140,12 +154,8 @@ class RunConfig:
             "help": "flash_attention_2 | sdpa | eager (default: flash-attn on CUDA if importable)"
         },
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "SFT gradient checkpointing"}
-    )
 
-    # --- SFT (stage 1) ---
-    sft_lr: float = field(default=3e-4, metadata={"help": "SFT learning rate (reference 3e-4)"})
+    # --- stage options that map onto trainer fields by a rule (TRAINER_FIELDS_FROM_RUN) ---
     sft_batch_size: int = field(
         default=128, metadata={"help": "SFT effective batch (samples per step)"}
     )
@@ -153,76 +163,12 @@ class RunConfig:
     sft_epochs: float = field(
         default=3.0, metadata={"help": "SFT epochs (early stopping may end sooner)"}
     )
-    sft_warmup_steps: int = field(default=20, metadata={"help": "SFT warmup steps"})
-    sft_patience: int = field(default=1, metadata={"help": "early stopping patience (validations)"})
-    sft_eval_steps: int | None = field(
-        default=None, metadata={"help": "validate every N steps (default: per epoch)"}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "SFT weight decay"})
-    optim: str = field(
-        default="adamw", metadata={"help": "adamw | adamw_8bit (bitsandbytes, CUDA)"}
-    )
-
-    # --- GRPO (stage 2) ---
-    grpo_lr: float = field(
-        default=1e-4, metadata={"help": "GRPO learning rate (reference grid 1e-5..5e-4)"}
-    )
-    num_generations: int = field(
-        default=8, metadata={"help": "rows per prompt G (1 clean + G-1 noisy)"}
-    )
-    sigma: float = field(default=1.5, metadata={"help": "std of the latent noise"})
-    advantage: str = field(default="batch", metadata={"help": "batch | group | none"})
-    estimator: str = field(
-        default="reparam",
-        metadata={
-            "help": "GRPO policy-gradient form: reparam (the reference: target log-probs "
-            "given the noisy latent) | score (log-density of the Gaussian latent policy)"
-        },
-    )
-    advantage_batch: int | None = field(
-        default=None,
-        metadata={"help": "prompts per advantage batch (default: the optimizer batch)"},
-    )
-    prompts_per_step: int = field(default=32, metadata={"help": "prompts per GRPO optimizer step"})
-    grpo_micro_batch_prompts: int = field(default=8, metadata={"help": "prompts per GRPO forward"})
-    epsilon: float = field(default=0.2, metadata={"help": "PPO clip lower epsilon"})
-    epsilon_high: float = field(default=0.28, metadata={"help": "PPO clip upper epsilon"})
-    num_iterations: int = field(default=1, metadata={"help": "inner GRPO iterations per batch"})
-    beta: float = field(
-        default=0.0, metadata={"help": "KL coefficient (must be 0 with a frozen backbone)"}
-    )
-    include_clean_in_loss: bool = field(
-        default=True, metadata={"help": "include row k=0 in the loss (reference)"}
-    )
-    grpo_warmup_steps: int = field(
-        default=200, metadata={"help": "GRPO warmup steps (cosine schedule)"}
-    )
-    grpo_epochs: float = field(default=1.0, metadata={"help": "GRPO epochs"})
-    reward: str = field(
-        default="ppl", metadata={"help": "ppl (LatentR3) | hit (original GRPO, decodes)"}
-    )
-    trainable: str = field(default="latent", metadata={"help": "latent (LatentRATT only) | all"})
     grpo_select: str = field(
         default="best",
         metadata={
             "help": "GRPO weights evaluated as LatentR3: best (best validated step, step 0 = "
             "the SFT model included) | last (the reference: the last step)"
         },
-    )
-    grpo_eval_steps: int | None = field(
-        default=None,
-        metadata={"help": "validate GRPO every N optimizer steps (default: ~10 times per run)"},
-    )
-    grpo_eval_samples: int = field(
-        default=256, metadata={"help": "validation rows of the GRPO validation (evenly spaced)"}
-    )
-    grpo_eval_metric: str = field(
-        default="reward",
-        metadata={"help": "GRPO validation metric: reward (mean clean-latent reward) | nll"},
-    )
-    grpo_patience: int | None = field(
-        default=None,
-        metadata={"help": "stop GRPO after N validations without improvement (default: never)"},
     )
 
     # --- evaluation ---
@@ -252,58 +198,134 @@ class RunConfig:
         },
     )
 
+
+# The one explicit mapping between run arguments and trainer fields. A trainer field named like
+# a run argument (seed, resume, optim, save_steps, max_steps, max_*_samples, eval_batch_size)
+# takes its value; the fields below are computed from the run argument named here (see
+# ``RunConfig.sft_config`` / ``grpo_config``); every other field has a flag of its own.
+TRAINER_FIELDS_FROM_RUN: dict[type, dict[str, str]] = {
+    SFTConfig: {
+        "output_dir": "output_dir",  # OUTPUT_DIR/sft (or sft_baseline)
+        "epochs": "sft_epochs",  # rounded up
+        "batch_size": "sft_micro_batch_size",  # at most --sft-batch-size
+        "grad_accum": "sft_batch_size",  # --sft-batch-size / micro-batch
+        "eval_batch_size": "eval_batch_size",  # twice the evaluation batch (no beams)
+    },
+    GRPOConfig: {
+        "output_dir": "output_dir",  # OUTPUT_DIR/grpo
+        "load_best_at_end": "grpo_select",  # best -> True, last -> False
+    },
+}
+FLAG_PREFIX = {SFTConfig: "sft_", GRPOConfig: "grpo_"}
+RUN_ARG_NAMES = frozenset(f.name for f in dataclasses.fields(RunArgs))
+
+
+def trainer_option_names(cls: type) -> dict[str, str]:
+    """``{trainer field: RunConfig field / flag name}`` for the fields of ``cls`` that have a
+    flag of their own."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        if f.name in RUN_ARG_NAMES or f.name in TRAINER_FIELDS_FROM_RUN[cls]:
+            continue
+        names[f.name] = f.metadata.get("flag", FLAG_PREFIX[cls] + f.name)
+    return names
+
+
+def _generated_fields() -> list[tuple[str, Any, Any]]:
+    """The trainer options as ``make_dataclass`` fields (tuples become lists, as in YAML)."""
+    out = []
+    for cls in (SFTConfig, GRPOConfig):
+        hints = typing.get_type_hints(cls)
+        by_name = {f.name: f for f in dataclasses.fields(cls)}
+        for name, flag in trainer_option_names(cls).items():
+            tp, f = hints[name], by_name[name]
+            if typing.get_origin(tp) is tuple:
+                tp = list[typing.get_args(tp)[0]]
+                spec = field(default_factory=lambda d=f.default: list(d), metadata=f.metadata)
+            else:
+                spec = field(default=f.default, metadata=f.metadata)
+            out.append((flag, tp, spec))
+    names = [name for name, _, _ in out]
+    clash = (set(names) & RUN_ARG_NAMES) | {n for n in names if names.count(n) > 1}
+    assert not clash, f"trainer options clash with other options: {sorted(clash)}"
+    return out
+
+
+TrainerOptions = dataclasses.make_dataclass("TrainerOptions", _generated_fields())
+TrainerOptions.__doc__ = "Every SFTConfig/GRPOConfig field with a flag, under its flag name."
+TrainerOptions.__module__ = __name__
+
+
+@dataclass
+class RunConfig(TrainerOptions, RunArgs):
+    """Every option of the pipeline: ``RunArgs`` plus the generated ``TrainerOptions``."""
+
+    def sft_config(self, output_dir: str | None) -> SFTConfig:
+        """The SFT stage's options (raises ConfigError naming the flag of a bad value)."""
+        micro = min(self.sft_micro_batch_size, self.sft_batch_size)
+        computed = {
+            "output_dir": output_dir,
+            "epochs": max(1, math.ceil(self.sft_epochs)),
+            "batch_size": micro,
+            "grad_accum": max(1, self.sft_batch_size // micro),
+            "eval_batch_size": self.eval_batch_size * 2,
+        }
+        return self._trainer_config(SFTConfig, computed)
+
+    def grpo_config(self, output_dir: str | None, num_train: int | None = None) -> GRPOConfig:
+        """The GRPO stage's options; ``num_train`` (the train rows) caps ``prompts_per_step``."""
+        computed: dict[str, Any] = {
+            "output_dir": output_dir,
+            "load_best_at_end": self.grpo_select == "best",
+        }
+        if num_train is not None:
+            computed["prompts_per_step"] = min(self.prompts_per_step, num_train)
+        return self._trainer_config(GRPOConfig, computed)
+
+    def _trainer_config(self, cls: type, computed: dict[str, Any]) -> Any:
+        values = {name: getattr(self, name) for name in RUN_ARG_NAMES & _field_names(cls)}
+        for name, flag in trainer_option_names(cls).items():
+            value = getattr(self, flag)  # a tuple field is a list here, as in YAML
+            values[name] = tuple(value) if isinstance(value, list) else value
+        values.update(computed)
+        try:
+            return cls(**values)
+        except OptionError as exc:
+            own = trainer_option_names(cls) | TRAINER_FIELDS_FROM_RUN[cls]
+            raise ConfigError(exc.rendered(lambda n: f"--{_flag(own.get(n, n))}")) from exc
+
     def validate(self) -> None:
-        """Raise ConfigError naming the option when a value is out of range."""
+        """Raise ConfigError naming the option when a value is out of range: the run's own
+        checks, then the options of each trainer the stage runs."""
+        self._check_run_args()
+        if self.stage in ("sft", "all"):
+            self.sft_config(self.output_dir)
+        if self.stage in ("grpo", "all"):
+            self.grpo_config(self.output_dir)
+
+    def _check_run_args(self) -> None:
         choices = {
             "stage": STAGES,
             "latent_mode": ("ratt", "hidden"),
             "template": ("reference", "clean"),
-            "advantage": ("batch", "group", "none"),
-            "estimator": ("reparam", "score"),
-            "optim": ("adamw", "adamw_8bit"),
             "rank": ("beam", "exact", "ground"),
             "beam_stop": ("reference", "exact"),
-            "reward": ("ppl", "hit"),
-            "trainable": ("latent", "all"),
             "dtype": ("auto", "fp32", "bf16", "fp16"),
             "grpo_select": ("best", "last"),
-            "grpo_eval_metric": ("reward", "nll"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
                     f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}"
                 )
-        positive = (
-            "num_generations",
-            "num_beams",
-            "prompts_per_step",
-            "sft_batch_size",
-            "sft_micro_batch_size",
-            "grpo_micro_batch_prompts",
-            "eval_batch_size",
-            "num_iterations",
-            "max_length",
-            "grpo_eval_samples",
-        )
-        for name in positive:
+        positive = ("num_beams", "sft_batch_size", "sft_micro_batch_size", "eval_batch_size")
+        for name in (*positive, "max_length"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("grpo_eval_steps", "grpo_patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         if self.num_latent < 0:
             raise ConfigError(f"--num-latent must be >= 0, got {self.num_latent}")
-        if self.num_generations < 2 and self.stage in ("grpo", "all"):
-            raise ConfigError("--num-generations must be >= 2 (one clean row plus noisy rows)")
-        if self.sigma < 0:
-            raise ConfigError(f"--sigma must be >= 0, got {self.sigma}")
-        if self.estimator == "score" and not self.sigma > 0:
-            raise ConfigError("--estimator score needs --sigma > 0 (the latent policy's density)")
-        if self.estimator == "score" and self.beta != 0.0:
-            raise ConfigError("--beta is defined on target log-probs: use --estimator reparam")
         if self.optim == "adamw_8bit":
             from .optim import check_bitsandbytes
 
@@ -313,14 +335,29 @@ class RunConfig:
                 f"--estimator score supports --num-latent 1 only (got {self.num_latent}): "
                 "the Gaussian policy covers the first latent, not the later ones"
             )
-        if self.beta != 0.0 and self.trainable == "latent":
-            raise ConfigError(
-                "--beta must be 0 when only LatentRATT trains (--trainable latent): the "
-                "backbone is frozen, so the KL to the reference model is identically 0; "
-                "use --trainable all"
-            )
-        if self.num_beams < 1 or not self.length_penalty:
+        if not self.length_penalty:
             raise ConfigError("--length-penalty needs at least one value")
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def uses_tiny_backbone(cfg: RunConfig) -> bool:
+    """True when no --model is given: the tiny backbone is trained from scratch."""
+    return cfg.model is None
+
+
+def apply_embedded_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
+    """Replace the reference defaults by the tiny-backbone profile for options not given.
+
+    The profile is what makes a from-scratch tiny model train at all (the reference's lr 3e-4
+    and batch 128 are tuned for a pretrained 1.5B model); it applies to ANY data, real or
+    synthetic, whenever the backbone is the tiny one."""
+    if not uses_tiny_backbone(cfg):
+        return cfg
+    updates = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given}
+    return dataclasses.replace(cfg, **updates)
 
 
 def _flag(name: str) -> str:

@@ -36,13 +36,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
+from .configs import GRPOConfig
 from .distributed import Collectives, UsesCollectives
 from .grpo_loss import gaussian_policy_logprob, grpo_loss, grpo_row_losses, row_weights
 from .grpo_rollout import GRPORollout, local_prompt_positions, step_noise
@@ -69,161 +69,6 @@ __all__ = [
     "row_weights",
     "step_noise",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GRPOConfig:
-    """Options of the GRPO stage (TRL vocabulary where TRL has a name for it).
-
-    Sizes count PROMPTS and are global (all ranks together); every prompt yields G rows.
-    """
-
-    output_dir: str | None = None
-    # sampling / reward / advantage
-    num_generations: int = 8  # G = 1 clean + G-1 noisy rows per prompt
-    sigma: float = 1.5  # std of the latent noise (reference 1.5)
-    reward: str = "ppl"  # "ppl" (LatentR3) | "hit" (original GRPO; needs a decoder)
-    # "reparam" (reference) | "score" (Gaussian policy log-density). With "score" the latent
-    # is the only stochastic action: the gradient reaches the backbone (trainable="all") only
-    # through r, and with reward="hit" the decoded completions (deterministic beam search) get
-    # no log-prob term.
-    estimator: str = "reparam"
-    advantage: str = "batch"  # "batch" | "group" | "none"
-    advantage_batch: int | None = None  # prompts per advantage batch; None = prompts_per_step
-    # loss
-    epsilon: float = 0.2  # PPO clip: ratio >= 1 - epsilon
-    epsilon_high: float | None = 0.28  # ratio <= 1 + epsilon_high (None = epsilon)
-    num_iterations: int = 1  # optimizer steps per rollout (>1 keeps old log-probs)
-    beta: float = 0.0  # KL to a frozen reference copy; only with trainable="all"
-    include_clean_in_loss: bool = True  # reference: yes; paper eq. 8 sums k = 1..K only
-    loss_pass: str = "keep_graph"  # "keep_graph" | "recompute" (see module docstring)
-    reuse_prompt_states: bool = True  # recompute mode: keep H + prefix KV between passes
-    trainable: str = "latent"  # "latent" (LatentRATT only) | "all"
-    # batch
-    prompts_per_step: int = 32
-    micro_batch_prompts: int = 8  # per rank and forward
-    # optimization
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    warmup_steps: int = 200
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
-    optim: str = "adamw"  # "adamw" | "adamw_8bit"
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    epochs: float = 1.0
-    max_steps: int | None = None  # cap on optimizer steps
-    seed: int = 0
-    # bookkeeping
-    logging_steps: int = 1
-    save_steps: int | None = None  # optimizer steps between checkpoints (None: only at end)
-    keep_checkpoints: int = 2  # checkpoints kept (0 = all)
-    resume: bool = False
-    progress: bool = True
-    max_bad_steps: int = 5  # consecutive non-finite steps before TrainingError
-    tensorboard: bool = False  # mirror the JSON-lines log to TensorBoard (output_dir/tb)
-    save_final_model: bool = True  # write the whole reasoner to output_dir/final at the end
-    # validation (only when the trainer is given valid_data): at step 0 and every eval_steps
-    # steps, the mean clean-latent reward and target NLL on a fixed subset; the best step
-    # (step 0 = the starting model included) is kept and loaded at the end
-    eval_steps: int | None = None  # None: about 10 validations per run
-    eval_samples: int | None = 256  # evenly spaced validation rows (None: all of them)
-    eval_metric: str = "reward"  # "reward" (mean clean reward, higher is better) | "nll"
-    eval_batch_size: int = 16
-    patience: int | None = None  # stop after this many validations without improvement
-    load_best_at_end: bool = True  # False: keep the last step's weights (the reference)
-
-    @property
-    def advantage_prompts(self) -> int:
-        """Prompts per advantage batch (global)."""
-        return self.prompts_per_step if self.advantage_batch is None else self.advantage_batch
-
-    @property
-    def clip_high(self) -> float:
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
-
-    def validate(self, world_size: int = 1) -> None:
-        """Raise ConfigError naming the option when a value or combination is invalid."""
-        choices = {
-            "reward": ("ppl", "hit"),
-            "estimator": ("reparam", "score"),
-            "advantage": ("batch", "group", "none"),
-            "loss_pass": ("keep_graph", "recompute"),
-            "trainable": ("latent", "all"),
-            "schedule": ("cosine", "linear", "constant"),
-            "optim": ("adamw", "adamw_8bit"),
-            "eval_metric": ("reward", "nll"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"GRPOConfig.{name}={getattr(self, name)!r} is not one of {allowed}"
-                )
-        for name in ("eval_steps", "eval_samples", "patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(
-                    f"GRPOConfig.{name} must be >= 1 or None, got {getattr(self, name)}"
-                )
-        if self.eval_batch_size < 1:
-            raise ConfigError(
-                f"GRPOConfig.eval_batch_size must be >= 1, got {self.eval_batch_size}"
-            )
-        if self.num_generations < 2:
-            raise ConfigError(
-                f"GRPOConfig.num_generations must be >= 2 (1 clean + noisy rows), "
-                f"got {self.num_generations}"
-            )
-        for name in ("prompts_per_step", "micro_batch_prompts", "num_iterations", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sigma < 0 or not math.isfinite(self.sigma):
-            raise ConfigError(f"GRPOConfig.sigma must be finite and >= 0, got {self.sigma}")
-        if self.epsilon < 0 or self.clip_high < 0:
-            raise ConfigError(
-                f"GRPOConfig.epsilon/epsilon_high must be >= 0, got {self.epsilon}/"
-                f"{self.epsilon_high}"
-            )
-        if self.lr <= 0 or self.max_grad_norm < 0 or self.warmup_steps < 0:
-            raise ConfigError("GRPOConfig.lr must be > 0, max_grad_norm and warmup_steps >= 0")
-        if self.epochs <= 0:
-            raise ConfigError(f"GRPOConfig.epochs must be > 0, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"GRPOConfig.max_steps must be >= 1, got {self.max_steps}")
-        a = self.advantage_prompts
-        if a < 1 or self.prompts_per_step % a != 0:
-            raise ConfigError(
-                f"GRPOConfig.advantage_batch={a} must divide prompts_per_step="
-                f"{self.prompts_per_step}"
-            )
-        if a % world_size != 0:
-            raise ConfigError(
-                f"GRPOConfig.advantage_batch={a} prompts must be divisible by the world size "
-                f"{world_size} (every rank holds an equal share of each advantage batch)"
-            )
-        if self.estimator == "score" and not self.sigma > 0:
-            raise ConfigError(
-                f"GRPOConfig.sigma={self.sigma}: estimator='score' needs sigma > 0 (the "
-                "latent policy N(r, sigma^2 I) has no density at sigma = 0)"
-            )
-        if self.estimator == "score" and self.beta != 0.0:
-            raise ConfigError(
-                f"GRPOConfig.beta={self.beta}: the KL term is defined on target log-probs and "
-                "needs estimator='reparam'"
-            )
-        if self.beta != 0.0 and self.trainable == "latent":
-            raise ConfigError(
-                f"GRPOConfig.beta={self.beta}: beta must be 0 when trainable='latent'. The "
-                "backbone and LM head are frozen, so only LatentRATT trains and the KL to a "
-                "reference model is identically zero (SPEC 5.5); use trainable='all' for a "
-                "KL-regularized full-model run"
-            )
-
-
-# --------------------------------------------------------------------------------------------
 
 
 class GRPOTrainer(GRPORollout, GRPOValidation, UsesCollectives):

@@ -12,68 +12,38 @@ Output directory layout::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-import math
-import os
-import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError, DataError
-from .config import EMBEDDED_DEFAULTS, RunConfig, save_config
-from .rundir import RUN_MARKERS, load_timings, record_timing  # noqa: F401 (RUN_MARKERS: API)
+from .config import (  # noqa: F401 (apply_embedded_defaults, uses_tiny_backbone: API)
+    RunConfig,
+    apply_embedded_defaults,
+    save_config,
+    uses_tiny_backbone,
+)
+from .distributed import barrier, init_distributed
+from .rundir import (  # noqa: F401 (RUN_MARKERS: API)
+    RUN_MARKERS,
+    load_stage_model,
+    load_timings,
+    merge_logs,
+    record_timing,
+    save_stage_model,
+)
 from .rundir import prepare_output_dir as _prepare_output_dir
 from .runtime import apply_threads, check_runtime
 
 MODEL_NAMES = {"sft_baseline": "w/o reasoning", "sft": "SFT only", "grpo": "LatentR3"}
 LATENT_USAGE_ROWS = 1000  # validation rows of the CLI's latent swap test
-
-
-def uses_tiny_backbone(cfg: RunConfig) -> bool:
-    """True when no --model is given: the tiny backbone is trained from scratch."""
-    return cfg.model is None
-
-
-def apply_embedded_defaults(cfg: RunConfig, given: set[str]) -> RunConfig:
-    """Replace the reference defaults by the tiny-backbone profile for options not given.
-
-    The profile is what makes a from-scratch tiny model train at all (the reference's lr 3e-4
-    and batch 128 are tuned for a pretrained 1.5B model); it applies to ANY data, real or
-    synthetic, whenever the backbone is the tiny one."""
-    if not uses_tiny_backbone(cfg):
-        return cfg
-    updates = {k: v for k, v in EMBEDDED_DEFAULTS.items() if k not in given}
-    return dataclasses.replace(cfg, **updates)
-
-
-# ----------------------------------------------------------------------------- distributed
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed under torchrun (gloo on CPU, NCCL on GPU); (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        timeout = datetime.timedelta(seconds=int(os.environ.get("LATENTR3_DIST_TIMEOUT", "600")))
-        dist.init_process_group(backend=backend, timeout=timeout)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -162,35 +132,6 @@ def check_model_path(cfg: RunConfig) -> None:
         raise ConfigError(f"--model {cfg.model}: no such directory or .gguf/.whl file")
 
 
-def load_stage_model(cfg: RunConfig, out: Path, stage: str):
-    """The final model saved by a finished stage."""
-    from ..model import LatentReasoner
-
-    path = out / stage / "model"
-    if not path.is_dir():
-        raise ConfigError(
-            f"stage {stage!r} has no saved model at {path}: run that stage first "
-            f"(--stage {stage.split('_')[0]}) or use --stage all"
-        )
-    dtype = None if cfg.dtype == "auto" else cfg.dtype
-    device = None if cfg.device == "auto" else cfg.device
-    return LatentReasoner.from_pretrained(path, torch_dtype=dtype, device=device)
-
-
-def save_stage_model(model: Any, out: Path, stage: str, rank: int) -> None:
-    """Save a stage's final model atomically (tmp dir, then rename)."""
-    if rank != 0:
-        return
-    final = out / stage / "model"
-    tmp = out / stage / "model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def prompt_builder(cfg: RunConfig, model: Any, dataset: Any):
     from ..data import PromptBuilder
 
@@ -204,74 +145,23 @@ def prompt_builder(cfg: RunConfig, model: Any, dataset: Any):
 
 
 def run_sft(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
-    """Stage 1 on ``model`` (in place); returns the SFTResult."""
-    from .sft import SFTConfig, SFTTrainer
+    """Stage 1 (paper Sec. 3.2.1) on ``model`` (in place); returns the SFTResult."""
+    from .sft import SFTTrainer
 
     pb = prompt_builder(cfg, model, dataset)
-    micro = min(cfg.sft_micro_batch_size, cfg.sft_batch_size)
-    sft_cfg = SFTConfig(
-        output_dir=str(out_dir),
-        epochs=max(1, math.ceil(cfg.sft_epochs)),
-        batch_size=micro,
-        grad_accum=max(1, cfg.sft_batch_size // micro),
-        eval_batch_size=cfg.eval_batch_size * 2,
-        lr=cfg.sft_lr,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        warmup_steps=cfg.sft_warmup_steps,
-        eval_steps=cfg.sft_eval_steps,
-        patience=cfg.sft_patience,
-        max_steps=cfg.max_steps,
-        max_train_samples=cfg.max_train_samples,
-        max_eval_samples=cfg.max_eval_samples,
-        seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        save_steps=cfg.save_steps,
-        resume=cfg.resume,
-    )
     train = pb.encode_many(dataset.train[: cfg.max_train_samples])
     valid = pb.encode_many(dataset.valid[: cfg.max_eval_samples])
-    return SFTTrainer(model, sft_cfg, train, valid).train()
+    return SFTTrainer(model, cfg.sft_config(str(out_dir)), train, valid).train()
 
 
 def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
-    """Stage 2 on ``model`` (in place); returns the trainer's result."""
-    from .grpo import GRPOConfig, GRPOTrainer
+    """Stage 2 (paper Sec. 3.2.2) on ``model`` (in place); returns the trainer's result."""
+    from .grpo import GRPOTrainer
 
     pb = prompt_builder(cfg, model, dataset)
     train = pb.encode_many(dataset.train[: cfg.max_train_samples])
     valid = pb.encode_many(dataset.valid[: cfg.max_eval_samples])
-    grpo_cfg = GRPOConfig(
-        output_dir=str(out_dir),
-        num_generations=cfg.num_generations,
-        sigma=cfg.sigma,
-        reward=cfg.reward,
-        advantage=cfg.advantage,
-        estimator=cfg.estimator,
-        advantage_batch=cfg.advantage_batch,
-        epsilon=cfg.epsilon,
-        epsilon_high=cfg.epsilon_high,
-        num_iterations=cfg.num_iterations,
-        beta=cfg.beta,
-        include_clean_in_loss=cfg.include_clean_in_loss,
-        trainable=cfg.trainable,
-        prompts_per_step=min(cfg.prompts_per_step, len(train)),
-        micro_batch_prompts=cfg.grpo_micro_batch_prompts,
-        lr=cfg.grpo_lr,
-        warmup_steps=cfg.grpo_warmup_steps,
-        optim=cfg.optim,
-        epochs=cfg.grpo_epochs,
-        max_steps=cfg.max_steps,
-        seed=cfg.seed,
-        save_steps=cfg.save_steps,
-        resume=cfg.resume,
-        eval_steps=cfg.grpo_eval_steps,
-        eval_samples=cfg.grpo_eval_samples,
-        eval_metric=cfg.grpo_eval_metric,
-        eval_batch_size=cfg.eval_batch_size,
-        patience=cfg.grpo_patience,
-        load_best_at_end=cfg.grpo_select == "best",
-    )
+    grpo_cfg = cfg.grpo_config(str(out_dir), num_train=len(train))
     reward = None
     if cfg.reward == "hit":
         from ..decode.recommend import catalogue_trie
@@ -341,22 +231,24 @@ def popularity_baseline(
     dataset: Any, max_samples: int | None, exclude_seen: bool = False
 ) -> dict[str, Any]:
     """HR/NDCG of ranking items by train popularity (a sanity floor for every model); with
-    ``exclude_seen`` each row's history titles are skipped, as for the models."""
-    from ..eval import metrics_from_ranks
+    ``exclude_seen`` each row's history titles are skipped, as for the models. Titles match by
+    ``normalize_title``, the rule of the evaluation."""
+    from ..eval import metrics_from_ranks, normalize_title
 
     order = sorted(range(len(dataset.popularity)), key=lambda i: -int(dataset.popularity[i]))
-    titles = dataset.items.titles
     top_titles: list[str] = []
     for i in order:  # distinct titles, in popularity order (20 + room for a 10-item history)
-        if titles[i] not in top_titles:
-            top_titles.append(titles[i])
+        title = normalize_title(dataset.items.titles[i])
+        if title not in top_titles:
+            top_titles.append(title)
         if len(top_titles) == 30:
             break
     ranks = []
     for s in dataset.test[:max_samples]:
-        seen = set(s.history_titles) if exclude_seen else set()
+        seen = {normalize_title(t) for t in s.history_titles} if exclude_seen else set()
         ranked = [t for t in top_titles if t not in seen][:20]
-        ranks.append(ranked.index(s.target_title) if s.target_title in ranked else None)
+        target = normalize_title(s.target_title)
+        ranks.append(ranked.index(target) if target in ranked else None)
     rec = {"model": "popularity", "stage": "popularity", "scoring": "-"}
     rec.update(metrics_from_ranks(ranks))
     return rec
@@ -381,36 +273,41 @@ def below_popularity(records: list[dict[str, Any]], metric: str = "NDCG@10") -> 
     return out
 
 
-def merge_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """Collect every stage's JSON-lines log into ``train_log.jsonl`` (with a "stage" key)."""
-    from ..eval.report import read_jsonl
-
-    logs: dict[str, list[dict[str, Any]]] = {}
-    for stage in stages:
-        recs = []
-        for path in sorted((out / stage).glob("*log*.jsonl")):
-            recs += read_jsonl(path)
-        if recs:
-            logs[stage] = recs
-    with (out / "train_log.jsonl").open("w", encoding="utf-8") as f:
-        for stage, recs in logs.items():
-            for r in recs:
-                f.write(json.dumps({"stage": stage, **r}) + "\n")
-    return logs
-
-
 # ----------------------------------------------------------------------------- main flow
-def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
-    """Run the configured stages; returns the evaluation records (empty without eval)."""
-    from ..eval.report import (
-        group_gain_table,
-        grpo_selection_summary,
-        make_plots,
-        results_table,
-        write_report,
-    )
+@dataclass
+class RunState:
+    """What the stage steps of one invocation share."""
 
-    rank, world = init_distributed()
+    cfg: RunConfig
+    rank: int
+    say: Callable[..., None]  # print on rank 0, nothing elsewhere
+    dataset: Any
+    out: Path
+    started: float  # time.perf_counter() at the start of the invocation
+    models: dict[str, Any] = field(default_factory=dict)  # stage -> model trained here
+
+    def timed(self, stage: str, seconds: float, resumed: bool) -> None:
+        """Record a stage's wall time (rank 0) for the report."""
+        if self.rank == 0:
+            record_timing(self.out, stage, seconds, resumed=resumed)
+
+
+def run(cfg: RunConfig, print_fn: Callable[..., None] = print) -> list[dict[str, Any]]:
+    """Run the configured stages; returns the evaluation records (empty without eval)."""
+    state = start_run(cfg, print_fn)
+    stages = ["sft", "grpo", "eval"] if cfg.stage == "all" else [cfg.stage]
+    if "sft" in stages:
+        sft_stage(state)
+    if "grpo" in stages:
+        grpo_stage(state)
+    if "eval" in stages and state.rank == 0:
+        return eval_stage(state)
+    return []
+
+
+def start_run(cfg: RunConfig, print_fn: Callable[..., None]) -> RunState:
+    """Check the machine, load the data, claim --output-dir and describe the run."""
+    rank, _ = init_distributed()
     say = print_fn if rank == 0 else (lambda *a, **k: None)
     # bad --data / --model / --device ... fail BEFORE any data loads or anything is written to
     # --output-dir (a failed start must not leave a "run" there that blocks the next command)
@@ -423,13 +320,8 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
     dataset = load_data(cfg)
     data_s = time.perf_counter() - t0
     out = prepare_output_dir(cfg, dataset, rank)
-    timings: dict[str, float] = {}
-
-    def timed(stage: str, seconds: float, resumed: bool) -> None:
-        if rank == 0:
-            timings.update(record_timing(out, stage, seconds, resumed=resumed))
-
-    timed("data", data_s, resumed=False)
+    state = RunState(cfg, rank, say, dataset, out, started=t0)
+    state.timed("data", data_s, resumed=False)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     say(
@@ -442,107 +334,138 @@ def run(cfg: RunConfig, print_fn=print) -> list[dict[str, Any]]:
             f"from scratch, tiny-backbone profile (--sft-lr {cfg.sft_lr:g}, --sft-batch-size "
             f"{cfg.sft_batch_size}, --sft-epochs {cfg.sft_epochs:g}); --model for a pretrained LM"
         )
-    stages = ["sft", "grpo", "eval"] if cfg.stage == "all" else [cfg.stage]
-    models: dict[str, Any] = {}
-    tokenizer = None
+    return state
 
-    if "sft" in stages:
-        t = time.perf_counter()
-        model = build_model(cfg, dataset, cfg.num_latent)
-        tokenizer = model.tokenizer
-        say(f"SFT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-        run_sft(cfg, model, dataset, out / "sft")
-        save_stage_model(model, out, "sft", rank)
-        models["sft"] = model
-        timed("sft", time.perf_counter() - t, cfg.resume)
-        if cfg.stage == "all" and cfg.baseline and cfg.num_latent > 0:
-            t = time.perf_counter()
-            base = build_model(cfg, dataset, 0, tokenizer=_fresh_tokenizer(tokenizer))
-            say("SFT of the 'w/o reasoning' baseline (num_latent=0, same budget)")
-            run_sft(cfg, base, dataset, out / "sft_baseline")
-            save_stage_model(base, out, "sft_baseline", rank)
-            models["sft_baseline"] = base
-            timed("sft_baseline", time.perf_counter() - t, cfg.resume)
-        barrier()
 
-    if "grpo" in stages:
+def sft_stage(state: RunState) -> None:
+    """Stage 1 (paper Sec. 3.2.1); in ``--stage all`` also the 'w/o reasoning' baseline, the
+    same model and budget without latent reasoning (num_latent=0)."""
+    cfg, dataset, out = state.cfg, state.dataset, state.out
+    t = time.perf_counter()
+    model = build_model(cfg, dataset, cfg.num_latent)
+    state.say(f"SFT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    run_sft(cfg, model, dataset, out / "sft")
+    save_stage_model(model, out, "sft", state.rank)
+    state.models["sft"] = model
+    state.timed("sft", time.perf_counter() - t, cfg.resume)
+    if cfg.stage == "all" and cfg.baseline and cfg.num_latent > 0:
         t = time.perf_counter()
-        if "sft" in models:
-            # GRPO trains this object in place: evaluate "SFT only" from its saved copy
-            model = load_stage_model(cfg, out, "sft")
-        else:
-            model = (
-                load_stage_model(cfg, out, "sft")
-                if cfg.model is None or (out / "sft" / "model").is_dir()
-                else build_model(cfg, dataset, cfg.num_latent)
-            )
-        run_grpo(cfg, model, dataset, out / "grpo")
-        save_stage_model(model, out, "grpo", rank)
-        models["grpo"] = model
-        timed("grpo", time.perf_counter() - t, cfg.resume)
-        barrier()
+        base = build_model(cfg, dataset, 0, tokenizer=copy.deepcopy(model.tokenizer))
+        state.say("SFT of the 'w/o reasoning' baseline (num_latent=0, same budget)")
+        run_sft(cfg, base, dataset, out / "sft_baseline")
+        save_stage_model(base, out, "sft_baseline", state.rank)
+        state.models["sft_baseline"] = base
+        state.timed("sft_baseline", time.perf_counter() - t, cfg.resume)
+    barrier()
 
-    records: list[dict[str, Any]] = []
-    if "eval" in stages and rank == 0:
-        t = time.perf_counter()
-        to_eval: dict[str, Any] = {}
-        for stage in ("sft_baseline", "sft", "grpo"):
-            if stage in models:
-                to_eval[stage] = models[stage]
-            elif (out / stage / "model").is_dir():
-                to_eval[stage] = load_stage_model(cfg, out, stage)
-        if not to_eval:
-            raise ConfigError(
-                f"--stage eval: no trained model in {out} (expected sft/model or grpo/model)"
-            )
-        records = evaluate_models(cfg, dataset, to_eval, out)
-        records.append(popularity_baseline(dataset, cfg.max_eval_samples, cfg.exclude_seen))
-        usage = latent_usage_of(cfg, dataset, to_eval)
-        if usage:
-            (out / "latent_usage.json").write_text(json.dumps(usage, indent=2), encoding="utf-8")
-        timed("eval", time.perf_counter() - t, False)
-        (out / "metrics.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
-        logs = merge_logs(out, ["sft", "sft_baseline", "grpo"])
-        gains = group_gain_table(records, "w/o reasoning", "LatentR3") if "grpo" in to_eval else []
-        plots, note = make_plots(out, logs, [r for r in records if r["stage"] != "popularity"])
-        val_path = out / "grpo" / "validation.json"
-        grpo_val = None
-        if "grpo" in to_eval and val_path.is_file():
-            grpo_val = json.loads(val_path.read_text(encoding="utf-8"))
-        timings = load_timings(out)
-        timings["total"] = sum(timings.values())
-        below = below_popularity(records)
-        write_report(
-            out / "report.md",
-            records,
-            timings,
-            dataclasses.asdict(cfg),
-            gains=gains,
-            plots=plots,
-            notes=[note] if note else [],
-            latent_usage=usage,
-            grpo_validation=grpo_val,
-            below_popularity=below,
-        )
-        say("")
-        say(results_table(records))
-        if grpo_val:
-            say(grpo_selection_summary(grpo_val))
-        for name, u in usage.items():
-            say(
-                f"latent swap test, {name}: validation NLL {u['nll']:.4f} own latent vs "
-                f"{u['nll_swapped']:.4f} another row's ({100 * u['relative_gap']:+.2f} %)"
-            )
-        for line in below:
-            say(f"note: {line}")
-        say(
-            f"\nresults, predictions and report.md in {out} ({time.perf_counter() - t0:.0f} s; "
-            "report.md times every invocation of this run)"
-        )
+
+def grpo_stage(state: RunState) -> None:
+    """Stage 2 (paper Sec. 3.2.2), starting from the saved SFT model (or, with a pretrained
+    --model and no SFT stage, from the pretrained backbone)."""
+    cfg, out = state.cfg, state.out
+    t = time.perf_counter()
+    # GRPO trains its model in place: "SFT only" stays the object trained by sft_stage
+    if "sft" in state.models or cfg.model is None or (out / "sft" / "model").is_dir():
+        model = load_stage_model(cfg, out, "sft")
+    else:
+        model = build_model(cfg, state.dataset, cfg.num_latent)
+    run_grpo(cfg, model, state.dataset, out / "grpo")
+    save_stage_model(model, out, "grpo", state.rank)
+    state.models["grpo"] = model
+    state.timed("grpo", time.perf_counter() - t, cfg.resume)
+    barrier()
+
+
+def eval_stage(state: RunState) -> list[dict[str, Any]]:
+    """Evaluate every trained model (rank 0), write metrics, logs and the report, print the
+    results table; returns the evaluation records."""
+    cfg, dataset, out = state.cfg, state.dataset, state.out
+    t = time.perf_counter()
+    models = models_to_evaluate(state)
+    records = evaluate_models(cfg, dataset, models, out)
+    records.append(popularity_baseline(dataset, cfg.max_eval_samples, cfg.exclude_seen))
+    usage = latent_usage_of(cfg, dataset, models)
+    if usage:
+        (out / "latent_usage.json").write_text(json.dumps(usage, indent=2), encoding="utf-8")
+    state.timed("eval", time.perf_counter() - t, False)
+    (out / "metrics.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
+    val_path = out / "grpo" / "validation.json"
+    grpo_val = None
+    if "grpo" in models and val_path.is_file():
+        grpo_val = json.loads(val_path.read_text(encoding="utf-8"))
+    results = EvalResults(records, usage, grpo_val, below_popularity(records))
+    write_run_report(state, results, with_grpo="grpo" in models)
+    print_results(state, results)
     return records
 
 
-def _fresh_tokenizer(tokenizer: Any) -> Any:
-    import copy
+@dataclass
+class EvalResults:
+    """What the evaluation stage reports."""
 
-    return copy.deepcopy(tokenizer)
+    records: list[dict[str, Any]]  # one per (model, scoring), plus the popularity row
+    latent_usage: dict[str, dict[str, Any]]  # model name -> swap test
+    grpo_validation: Any  # grpo/validation.json, when GRPO was evaluated
+    below_popularity: list[str]  # one sentence per model below the popularity row
+
+
+def models_to_evaluate(state: RunState) -> dict[str, Any]:
+    """The models trained in this invocation, plus those saved by earlier ones."""
+    found: dict[str, Any] = {}
+    for stage in ("sft_baseline", "sft", "grpo"):
+        if stage in state.models:
+            found[stage] = state.models[stage]
+        elif (state.out / stage / "model").is_dir():
+            found[stage] = load_stage_model(state.cfg, state.out, stage)
+    if not found:
+        raise ConfigError(
+            f"--stage eval: no trained model in {state.out} (expected sft/model or grpo/model)"
+        )
+    return found
+
+
+def write_run_report(state: RunState, results: EvalResults, with_grpo: bool) -> None:
+    """Merge the logs, draw the plots and write ``report.md`` (timings of every invocation)."""
+    from ..eval.report import group_gain_table, make_plots, write_report
+
+    out, records = state.out, results.records
+    logs = merge_logs(out, ["sft", "sft_baseline", "grpo"])
+    gains = group_gain_table(records, "w/o reasoning", "LatentR3") if with_grpo else []
+    plots, note = make_plots(out, logs, [r for r in records if r["stage"] != "popularity"])
+    timings = load_timings(out)
+    timings["total"] = sum(timings.values())
+    write_report(
+        out / "report.md",
+        records,
+        timings,
+        dataclasses.asdict(state.cfg),
+        gains=gains,
+        plots=plots,
+        notes=[note] if note else [],
+        latent_usage=results.latent_usage,
+        grpo_validation=results.grpo_validation,
+        below_popularity=results.below_popularity,
+    )
+
+
+def print_results(state: RunState, results: EvalResults) -> None:
+    """The results table and the notes under it."""
+    from ..eval.report import grpo_selection_summary, results_table
+
+    say = state.say
+    say("")
+    say(results_table(results.records))
+    if results.grpo_validation:
+        say(grpo_selection_summary(results.grpo_validation))
+    for name, u in results.latent_usage.items():
+        say(
+            f"latent swap test, {name}: validation NLL {u['nll']:.4f} own latent vs "
+            f"{u['nll_swapped']:.4f} another row's ({100 * u['relative_gap']:+.2f} %)"
+        )
+    for line in results.below_popularity:
+        say(f"note: {line}")
+    say(
+        f"\nresults, predictions and report.md in {state.out} "
+        f"({time.perf_counter() - state.started:.0f} s; "
+        "report.md times every invocation of this run)"
+    )

@@ -1,5 +1,6 @@
-"""The output directory of a CLI run: what each stage writes, what ``--overwrite`` replaces, and
-the run's fingerprint (data + model-shaping options) that ``--resume`` and later stages check.
+"""The output directory of a CLI run: what each stage writes, what ``--overwrite`` replaces, the
+run's fingerprint (data + model-shaping options) that ``--resume`` and later stages check, the
+stages' saved models, timings and merged logs.
 
 Rules (``python -m latentr3_fast.train --stage S``):
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -175,3 +177,50 @@ def record_timing(out: Path, stage: str, seconds: float, *, resumed: bool) -> di
     timings[stage] = (timings.get(stage, 0.0) if resumed else 0.0) + seconds
     (out / TIMINGS_NAME).write_text(json.dumps(timings, indent=2), encoding="utf-8")
     return timings
+
+
+def load_stage_model(cfg: Any, out: Path, stage: str) -> Any:
+    """The final model saved by a finished stage."""
+    from ..model import LatentReasoner
+
+    path = out / stage / "model"
+    if not path.is_dir():
+        raise ConfigError(
+            f"stage {stage!r} has no saved model at {path}: run that stage first "
+            f"(--stage {stage.split('_')[0]}) or use --stage all"
+        )
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    device = None if cfg.device == "auto" else cfg.device
+    return LatentReasoner.from_pretrained(path, torch_dtype=dtype, device=device)
+
+
+def save_stage_model(model: Any, out: Path, stage: str, rank: int) -> None:
+    """Save a stage's final model atomically (tmp dir, then rename)."""
+    if rank != 0:
+        return
+    final = out / stage / "model"
+    tmp = out / stage / "model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def merge_logs(out: Path, stages: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Collect every stage's JSON-lines log into ``train_log.jsonl`` (with a "stage" key)."""
+    from ..eval.report import read_jsonl
+
+    logs: dict[str, list[dict[str, Any]]] = {}
+    for stage in stages:
+        recs = []
+        for path in sorted((out / stage).glob("*log*.jsonl")):
+            recs += read_jsonl(path)
+        if recs:
+            logs[stage] = recs
+    with (out / "train_log.jsonl").open("w", encoding="utf-8") as f:
+        for stage, recs in logs.items():
+            for r in recs:
+                f.write(json.dumps({"stage": stage, **r}) + "\n")
+    return logs

@@ -39,6 +39,7 @@ import torch
 
 from ..data import Batch, EncodedSample, batch_indices, collate
 from ..errors import ConfigError, TrainingError
+from .configs import SFTConfig
 from .distributed import Collectives, UsesCollectives
 from .interrupt import (
     TrainingInterrupted,
@@ -48,8 +49,6 @@ from .interrupt import (
 )
 from .logging_utils import JsonlLogger, progress_bar
 from .optim import (
-    OPTIMIZERS,
-    SCHEDULES,
     NonFiniteGuard,
     build_optimizer,
     build_scheduler,
@@ -60,69 +59,6 @@ from .sft_objective import rank_share, sft_loss
 from .sft_validation import SFTValidation
 
 __all__ = ["SFTConfig", "SFTResult", "SFTTrainer", "rank_share", "sft_loss"]
-
-
-@dataclass
-class SFTConfig:
-    """Options of the SFT stage (defaults reproduce the reference recipe)."""
-
-    output_dir: str | None = "runs/sft"  # None: no checkpoints, logs or best copy on disk
-    epochs: int = 3
-    batch_size: int = 16  # micro-batch
-    grad_accum: int = 8  # micro-batches per optimizer step (effective batch 128)
-    eval_batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    optim: str = "adamw"  # adamw | adamw_8bit (CUDA)
-    schedule: str = "linear"  # linear | cosine | constant
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    eval_steps: int | None = None  # also validate every N optimizer steps
-    patience: int = 1  # stop after this many validations without improvement
-    load_best_at_end: bool = True
-    max_steps: int | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    seed: int = 42
-    bf16: bool | None = None  # autocast to bf16; None = on CUDA
-    gradient_checkpointing: bool = False
-    save_steps: int | None = None  # checkpoint every N steps (always at epoch ends)
-    keep_checkpoints: int = 2
-    logging_steps: int = 10
-    tensorboard: bool = False
-    progress: bool = True
-    resume: bool = False
-    max_bad_steps: int = 5
-    bucket_mb: int = 64  # size of one gradient all-reduce bucket (fp32 MiB), distributed only
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad option."""
-        positive = ("epochs", "batch_size", "grad_accum", "eval_batch_size", "logging_steps")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"SFTConfig.{name}={getattr(self, name)}: must be >= 1")
-        for name in ("eval_steps", "max_steps", "max_train_samples", "max_eval_samples"):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise ConfigError(f"SFTConfig.{name}={v}: must be >= 1 or None")
-        if self.bucket_mb < 1:
-            raise ConfigError(f"SFTConfig.bucket_mb={self.bucket_mb}: must be >= 1")
-        if self.save_steps is not None and self.save_steps < 1:
-            raise ConfigError(f"SFTConfig.save_steps={self.save_steps}: must be >= 1 or None")
-        if self.optim not in OPTIMIZERS:
-            raise ConfigError(f"SFTConfig.optim={self.optim!r}: expected one of {OPTIMIZERS}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"SFTConfig.schedule={self.schedule!r}: expected one of {SCHEDULES}")
-        if not self.lr > 0:
-            raise ConfigError(f"SFTConfig.lr={self.lr}: must be > 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"SFTConfig.warmup_steps={self.warmup_steps}: must be >= 0")
-        if self.patience < 1:
-            raise ConfigError(f"SFTConfig.patience={self.patience}: must be >= 1")
-        if self.resume and self.output_dir is None:
-            raise ConfigError("SFTConfig.resume=True needs an output_dir")
 
 
 @dataclass

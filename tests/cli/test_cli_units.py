@@ -167,3 +167,81 @@ def test_report_words_zero_base_gain_and_below_popularity(tmp_path):
     assert "carries information about this user" in swap_gap_words(0.02)
     assert "MORE likely" in swap_gap_words(-0.02)
     assert "Summed over every invocation of this run" in text
+
+
+def test_every_trainer_field_is_a_flag_or_mapped_from_a_run_argument():
+    """The CLI is generated from SFTConfig/GRPOConfig: a trainer field has a flag of its own
+    unless a run argument of the same name or TRAINER_FIELDS_FROM_RUN fills it."""
+    from latentr3_fast.train.config import (
+        RUN_ARG_NAMES,
+        TRAINER_FIELDS_FROM_RUN,
+        build_parser,
+        trainer_option_names,
+    )
+    from latentr3_fast.train.configs import GRPOConfig, SFTConfig
+
+    flags = {a.dest for a in build_parser()._actions}
+    for cls in (SFTConfig, GRPOConfig):
+        own = trainer_option_names(cls)
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), (cls.__name__, f.name)
+            by_rule = f.name in RUN_ARG_NAMES or f.name in TRAINER_FIELDS_FROM_RUN[cls]
+            assert by_rule or own[f.name] in flags, (cls.__name__, f.name)
+    assert trainer_option_names(SFTConfig)["lr"] == "sft_lr"
+    assert trainer_option_names(GRPOConfig)["lr"] == "grpo_lr"
+    assert trainer_option_names(GRPOConfig)["sigma"] == "sigma"  # its existing spelling
+
+
+def test_flags_reach_the_trainer_configs():
+    from latentr3_fast.train.config import load_config
+
+    argv = ["--sft-batch-size", "64", "--sft-micro-batch-size", "16", "--sft-epochs", "1.5"]
+    argv += ["--eval-batch-size", "8", "--sft-schedule", "cosine", "--optim", "adamw"]
+    argv += ["--grpo-select", "last", "--prompts-per-step", "12", "--grpo-adam-betas", "0.8"]
+    argv += ["0.9", "--grpo-loss-pass", "recompute", "--save-steps", "3", "--seed", "7"]
+    cfg, given = load_config(argv)
+    assert {"sft_schedule", "grpo_adam_betas"} <= given
+    sft = cfg.sft_config("out/sft")
+    assert (sft.batch_size, sft.grad_accum, sft.epochs, sft.eval_batch_size) == (16, 4, 2, 16)
+    assert (sft.schedule, sft.save_steps, sft.seed, sft.output_dir) == ("cosine", 3, 7, "out/sft")
+    grpo = cfg.grpo_config("out/grpo", num_train=10)
+    assert (grpo.prompts_per_step, grpo.load_best_at_end, grpo.loss_pass) == (
+        10,
+        False,
+        "recompute",
+    )
+    assert (grpo.adam_betas, grpo.save_steps, grpo.eval_batch_size) == ((0.8, 0.9), 3, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"sft_lr": 0.0}, "--sft-lr must be > 0, got 0.0"),
+        ({"grpo_eval_steps": 0}, "--grpo-eval-steps must be >= 1, got 0"),
+        ({"advantage": "mean"}, "--advantage: 'mean' is not one of batch, group, none"),
+    ],
+)
+def test_trainer_checks_name_the_flag(kwargs, message):
+    """Values are checked by SFTConfig/GRPOConfig; on the command line the message names the
+    flag (in Python, the field)."""
+    from latentr3_fast.errors import ConfigError
+    from latentr3_fast.train.configs import GRPOConfig
+
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**kwargs).validate()
+    assert str(err.value) == message
+    with pytest.raises(ConfigError, match=r"^GRPOConfig: sigma must be >= 0, got -1.0$"):
+        GRPOConfig(sigma=-1.0)
+
+
+def test_popularity_baseline_matches_titles_as_the_evaluation_does():
+    """Titles differing only by the quotes/spaces ``normalize_title`` strips are one item."""
+    from latentr3_fast.data import ItemCatalog, RecDataset, Sample
+
+    titles = ['"A"\n', "A", "B"]
+    train = [Sample((2,), ("B",), t, titles[t]) for t in (0, 0, 1, 2)]  # A (two ids) > B
+    test = [Sample((2,), ("B",), 1, "A"), Sample((0,), ('"A"\n',), 2, "B")]
+    tiny = RecDataset(train, [], test, ItemCatalog(titles), "x", "x")
+    keep, drop = popularity_baseline(tiny, None), popularity_baseline(tiny, None, True)
+    assert keep["HR@1"] == 0.5 and keep["HR@5"] == 1.0  # "A" is 1st, "B" 2nd (not 3rd)
+    assert drop["HR@1"] == 1.0  # row 2's history '"A"\n' is "A": skipped, "B" comes 1st
