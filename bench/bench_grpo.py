@@ -182,7 +182,7 @@ def hit_ratio(args) -> dict[str, float]:
     from latentr3_fast.decode import catalogue_trie
     from latentr3_fast.model import tiny_qwen2
     from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
-    from latentr3_fast.train.rewards import HitReward, beam_decoder
+    from latentr3_fast.train.rollout_rewards import HitReward, beam_decoder
 
     ds = make_synthetic(seed=0)
     tok = train_tokenizer(dataset_corpus(ds), vocab_size=1024)

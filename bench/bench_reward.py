@@ -71,7 +71,7 @@ def make_call(variant, model, inputs, args):
     import torch
     from reference_reward import plain_logprobs
 
-    from latentr3_fast.ops import ppl_reward
+    from latentr3_fast.ops import perplexity_reward
     from latentr3_fast.reward import PerplexityReward
 
     pi, pm, ti, tm, ex = inputs
@@ -85,7 +85,7 @@ def make_call(variant, model, inputs, args):
                 s = scorer(pi, pm, ti, tm, extra_embeds=extra, num_generations=g)
             elif variant == "plain":
                 logp = plain_logprobs(model, pi, pm, ti, tm, extra_embeds=extra, num_generations=g)
-                s = ppl_reward(logp, tm)
+                s = perplexity_reward(logp, tm)
             else:  # plain_keep: full forwards, logits only where the answer is predicted
                 emb = model.get_input_embeddings()
                 parts = [emb(pi).expand(g, -1, -1)]
@@ -96,7 +96,7 @@ def make_call(variant, model, inputs, args):
                 t = ti.shape[1]
                 logits = model(inputs_embeds=x, logits_to_keep=t + 1).logits[:, :-1]
                 logp = torch.log_softmax(logits.float(), -1).gather(2, ti[:, :, None])[:, :, 0]
-                s = ppl_reward(logp, tm)
+                s = perplexity_reward(logp, tm)
             if args.grad and extra is not None:
                 s.sum().backward()
         return s.detach().float().cpu()

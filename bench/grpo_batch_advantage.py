@@ -46,7 +46,7 @@ import harness  # noqa: E402
 from grpo_estimators import sft_model  # noqa: E402
 
 from latentr3_fast.data import collate  # noqa: E402
-from latentr3_fast.ops import grpo_advantage, ppl_reward  # noqa: E402
+from latentr3_fast.ops import grpo_advantage, perplexity_reward  # noqa: E402
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 
 G = 8
@@ -68,7 +68,7 @@ def heldout_reward_grad(model, valid, pad_id: int, params) -> tuple[float, torch
     r = model.latents(hidden, batch.prompt_mask, cache)
     h = model.suffix_forward(cache, batch.prompt_mask, r.to(model.dtype), batch.target_ids)
     logp = model.target_logprobs(h, batch.target_ids, batch.target_mask).float()
-    reward = ppl_reward(logp, batch.target_mask).mean()
+    reward = perplexity_reward(logp, batch.target_mask).mean()
     return float(reward.detach()), flat_grad(reward, params)
 
 

@@ -27,7 +27,7 @@ import torch
 from latentr3_fast.data import PromptBuilder, collate, dataset_corpus, make_synthetic
 from latentr3_fast.data import train_tokenizer as train_bpe
 from latentr3_fast.model import tiny_qwen2
-from latentr3_fast.ops import ppl_reward
+from latentr3_fast.ops import perplexity_reward
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
@@ -93,7 +93,7 @@ def direct_ascent(model, train, pad_id: int, steps: int, lr: float = 1e-3) -> No
         r = model.latents(hidden, batch.prompt_mask, cache)
         h = model.suffix_forward(cache, batch.prompt_mask, r.to(model.dtype), batch.target_ids)
         logp = model.target_logprobs(h, batch.target_ids, batch.target_mask).float()
-        loss = -ppl_reward(logp, batch.target_mask).mean()
+        loss = -perplexity_reward(logp, batch.target_mask).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -5,9 +5,10 @@ Naming across the package: the *perplexity reward* is paper Sec. 3.2.2, Eq. 6,
 
 * ``latentr3_fast.reward`` (this module): the drop-in reward for any Hugging Face causal LM,
   :class:`PerplexityReward` and the TRL wrapper :func:`make_trl_reward`;
-* ``latentr3_fast.ops.reward``: tensor ops, ``ppl_reward(logp, mask)`` (Eq. 6 from per-token
-  log-probs), ``mean_logprob`` and ``perplexity_reward_from_hidden`` (Eq. 6 from hidden states);
-* ``latentr3_fast.train.rewards``: rewards of a GRPO rollout of our trainer,
+* ``latentr3_fast.ops.perplexity``: tensor ops, ``perplexity_reward(logp, mask)`` (Eq. 6 from
+  per-token log-probs), ``mean_logprob`` and ``perplexity_reward_from_hidden`` (from hidden
+  states);
+* ``latentr3_fast.train.rollout_rewards``: rewards of a GRPO rollout of our trainer,
   ``RolloutPerplexityReward`` (config value ``"ppl"``) and ``HitReward`` (``"hit"``).
 
 ``PerplexityReward`` scores ``-PPL(target | prompt, extra)`` without ever materializing
@@ -49,7 +50,7 @@ from .model.scoring_inputs import (
     row_prompt_index,
     tokenize_texts,
 )
-from .ops import grpo_advantage, mean_logprob, ppl_reward
+from .ops import grpo_advantage, mean_logprob, perplexity_reward
 
 __all__ = ["PerplexityReward", "grpo_advantage", "make_trl_reward"]
 
@@ -184,7 +185,9 @@ class PerplexityReward(nn.Module):
             skip_padding=True,
         )
         keep = target_mask != 0
-        reward = ppl_reward(logp, keep) if self.reward == "neg_ppl" else mean_logprob(logp, keep)
+        reward = (
+            perplexity_reward(logp, keep) if self.reward == "neg_ppl" else mean_logprob(logp, keep)
+        )
         return (reward, logp) if return_logprobs else reward
 
     def _extra_embeds(

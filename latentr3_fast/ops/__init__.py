@@ -8,7 +8,7 @@ from ._dispatch import select_backend, triton_available
 from .advantage import grpo_advantage
 from .expand import gaussian_expand, gaussian_expand_torch
 from .logprob import fused_linear_logprob, fused_linear_logprob_torch
-from .reward import mean_logprob, perplexity_reward_from_hidden, ppl_reward
+from .perplexity import mean_logprob, perplexity_reward, perplexity_reward_from_hidden
 
 __all__ = [
     "fused_linear_logprob",
@@ -18,7 +18,7 @@ __all__ = [
     "grpo_advantage",
     "mean_logprob",
     "perplexity_reward_from_hidden",
-    "ppl_reward",
+    "perplexity_reward",
     "select_backend",
     "triton_available",
 ]

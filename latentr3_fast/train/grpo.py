@@ -55,7 +55,7 @@ from .interrupt import (
 )
 from .logging_utils import JsonlLogger, progress_bar
 from .optim import NonFiniteGuard, build_optimizer, build_scheduler, clip_grad_norm
-from .rewards import RewardFunction, RolloutPerplexityReward, make_reward
+from .rollout_rewards import RewardFunction, RolloutPerplexityReward, make_reward
 
 __all__ = [
     "BEST_WEIGHTS",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .grpo_loss import gaussian_policy_logprob, grpo_row_losses, row_weights
-from .rewards import RewardResult, Rollout
+from .rollout_rewards import RewardResult, Rollout
 
 __all__ = ["GRPORollout", "local_prompt_positions", "step_noise"]
 

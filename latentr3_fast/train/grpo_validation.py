@@ -69,7 +69,7 @@ class GRPOValidation:
         makes the same keep/stop decision (call on every rank).
         """
         from ..data import collate
-        from ..ops import ppl_reward
+        from ..ops import perplexity_reward
 
         data = self.valid_data
         if not data:
@@ -89,7 +89,7 @@ class GRPOValidation:
                 )
                 logp = model.target_logprobs(h, batch.target_ids, batch.target_mask).float()
                 m = batch.target_mask.float()
-                acc[0] += ppl_reward(logp, batch.target_mask).double().sum()
+                acc[0] += perplexity_reward(logp, batch.target_mask).double().sum()
                 acc[1] -= (logp * m).double().sum()
                 acc[2] += m.double().sum()
                 acc[3] += len(batch)
@@ -188,7 +188,7 @@ class GRPOValidation:
         """Mean clean-latent reward (-perplexity of the target) and mean target log-prob on
         held-out samples (no noise)."""
         from ..data import collate
-        from ..ops import ppl_reward
+        from ..ops import perplexity_reward
 
         model = self.model
         was_training = model.training
@@ -201,7 +201,7 @@ class GRPOValidation:
             h = model.suffix_forward(cache, batch.prompt_mask, r.to(model.dtype), batch.target_ids)
             logp = model.target_logprobs(h, batch.target_ids, batch.target_mask).float()
             m = batch.target_mask.float()
-            total_reward += float(ppl_reward(logp, batch.target_mask).sum())
+            total_reward += float(perplexity_reward(logp, batch.target_mask).sum())
             total_logprob += float(((logp * m).sum(-1) / m.sum(-1)).sum())
             n += len(batch)
         model.train(was_training)

@@ -165,7 +165,7 @@ def run_grpo(cfg: RunConfig, model: Any, dataset: Any, out_dir: Path) -> Any:
     reward = None
     if cfg.reward == "hit":
         from ..decode.recommend import catalogue_trie
-        from .rewards import HitReward, beam_decoder
+        from .rollout_rewards import HitReward, beam_decoder
 
         eos = model.tokenizer.eos_token_id
         reward = HitReward(beam_decoder(catalogue_trie(dataset.items, pb)), eos_id=eos)

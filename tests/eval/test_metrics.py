@@ -154,7 +154,7 @@ def test_normalize_title_equals_reference_on_cds_catalogue():
     """Every CDs title normalises as the reference's prediction rule does (applied to the
     decoded ``"title"\n``), including the 17 titles with a leading or trailing apostrophe
     that an older rule stripped (``'70s Gold``, ``Smokin'``, ``Keb' Mo'``, ...)."""
-    from latentr3_fast.train.rewards import normalize_title as reward_normalize
+    from latentr3_fast.train.rollout_rewards import normalize_title as reward_normalize
 
     titles = _cds_titles()
     assert reward_normalize is normalize_title  # one rule for metrics and rewards

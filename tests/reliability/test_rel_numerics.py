@@ -13,7 +13,7 @@ from latentr3_fast.errors import TrainingError
 from latentr3_fast.ops import fused_linear_logprob_torch
 from latentr3_fast.train.grpo import GRPOConfig, GRPOTrainer
 from latentr3_fast.train.optim import NonFiniteGuard
-from latentr3_fast.train.rewards import RewardResult, RolloutPerplexityReward
+from latentr3_fast.train.rollout_rewards import RewardResult, RolloutPerplexityReward
 from latentr3_fast.train.sft import SFTConfig, SFTTrainer
 
 

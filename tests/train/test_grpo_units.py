@@ -25,7 +25,7 @@ from latentr3_fast.train.grpo import (
     local_prompt_positions,
     step_noise,
 )
-from latentr3_fast.train.rewards import (
+from latentr3_fast.train.rollout_rewards import (
     HitReward,
     RewardResult,
     RolloutPerplexityReward,
@@ -266,7 +266,7 @@ def test_hit_reward_with_constrained_beam_search():
     target's title."""
     pytest.importorskip("latentr3_fast._C")
     from latentr3_fast.decode import beam_search, catalogue_trie
-    from latentr3_fast.train.rewards import beam_decoder, normalize_title
+    from latentr3_fast.train.rollout_rewards import beam_decoder, normalize_title
 
     ds, tok, builder, model = tiny_setup(hidden=32, num_items=6, num_users=40)
     samples = [builder.encode(s) for s in ds.train[:6]]

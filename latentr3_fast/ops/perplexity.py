@@ -1,8 +1,8 @@
 """Tensor-level perplexity reward (paper Sec. 3.2.2, Eq. 6): ``s = -exp(-mean log p(y_i))``.
 
-``ppl_reward`` from per-token log-probs, ``perplexity_reward_from_hidden`` from the hidden states
-that predict the target tokens, and ``mean_logprob``; see ``latentr3_fast.reward`` for how the
-three reward modules are named.
+``perplexity_reward`` from per-token log-probs, ``perplexity_reward_from_hidden`` from the hidden
+states that predict the target tokens, and ``mean_logprob``; see ``latentr3_fast.reward`` for how
+the three levels of the reward are named.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def mean_logprob(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (logp.float() * m).sum(dim=1) / count
 
 
-def ppl_reward(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def perplexity_reward(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Minus the perplexity of each row's target tokens: ``-exp(-mean_logprob)``, ``[R]`` fp32."""
     return -torch.exp(-mean_logprob(logp, mask))
 
@@ -80,4 +80,4 @@ def perplexity_reward_from_hidden(
     )
     logp = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
     logp = logp.masked_scatter(keep, flat)
-    return ppl_reward(logp, keep)
+    return perplexity_reward(logp, keep)

@@ -1,4 +1,4 @@
-"""ppl_reward, mean_logprob and perplexity_reward_from_hidden."""
+"""perplexity_reward, mean_logprob and perplexity_reward_from_hidden."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from reference_ops import plain_logprob
 
 from latentr3_fast.errors import DataError
-from latentr3_fast.ops import mean_logprob, perplexity_reward_from_hidden, ppl_reward
+from latentr3_fast.ops import mean_logprob, perplexity_reward, perplexity_reward_from_hidden
 
 
 def test_hand_computed_rewards():
@@ -17,13 +17,13 @@ def test_hand_computed_rewards():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     torch.testing.assert_close(mean_logprob(logp, mask), torch.tensor([-2.0, -0.5]))
     torch.testing.assert_close(
-        ppl_reward(logp, mask.bool()), torch.tensor([-math.exp(2.0), -math.exp(0.5)])
+        perplexity_reward(logp, mask.bool()), torch.tensor([-math.exp(2.0), -math.exp(0.5)])
     )
 
 
 def test_empty_row_raises():
     with pytest.raises(DataError, match="row 1"):
-        ppl_reward(torch.zeros(2, 3), torch.tensor([[1, 0, 0], [0, 0, 0]]))
+        perplexity_reward(torch.zeros(2, 3), torch.tensor([[1, 0, 0], [0, 0, 0]]))
 
 
 def test_reward_from_hidden_matches_plain():

@@ -118,12 +118,12 @@ class RolloutPerplexityReward:
     uses_completions = False
 
     def __call__(self, rollout: Rollout) -> RewardResult:
-        from ..ops import ppl_reward
+        from ..ops import perplexity_reward
 
         if rollout.target_logp is None:
             raise ConfigError("RolloutPerplexityReward needs rollout.target_logp (suffix forward)")
         mask = rollout.target_mask.repeat_interleave(rollout.num_generations, dim=0)
-        return RewardResult(rewards=ppl_reward(rollout.target_logp.float(), mask).float())
+        return RewardResult(rewards=perplexity_reward(rollout.target_logp.float(), mask).float())
 
 
 def exact_title_match(
