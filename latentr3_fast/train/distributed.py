@@ -19,7 +19,13 @@ from torch import Tensor
 
 from ..errors import TrainingError
 
-__all__ = ["Collectives", "UsesCollectives", "barrier", "init_distributed"]
+__all__ = [
+    "Collectives",
+    "UsesCollectives",
+    "barrier",
+    "init_distributed",
+    "staging_device",
+]
 
 
 def init_distributed() -> tuple[int, int]:
@@ -47,6 +53,13 @@ def barrier() -> None:
         dist.barrier()
 
 
+def staging_device(backend: str) -> torch.device | None:
+    """Where host tensors must go for a collective of ``backend`` (``dist.get_backend``): the
+    current CUDA device for a pure NCCL group, which rejects CPU tensors; None otherwise (gloo,
+    mpi, ucc and mixed ``"cpu:gloo,cuda:nccl"`` groups reduce CPU tensors themselves)."""
+    return torch.device("cuda") if backend.lower() == "nccl" else None
+
+
 class Collectives:
     """One trainer's view of its process group; every method is a no-op in one process.
 
@@ -57,7 +70,8 @@ class Collectives:
         next_step: returns the 1-based number of the step in progress (for error messages).
 
     A failed collective (a rank died or the process-group timeout passed) raises one
-    TrainingError naming this rank and the step.
+    TrainingError naming this rank and the step. Host (CPU) tensors are staged on the GPU
+    when the group's backend cannot reduce them (NCCL), so callers never care which it is.
     """
 
     def __init__(
@@ -69,6 +83,7 @@ class Collectives:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size(group) if self.distributed else 1
         self.rank = dist.get_rank(group) if self.distributed else 0
+        self.staging = staging_device(dist.get_backend(group)) if self.distributed else None
 
     @property
     def active(self) -> bool:
@@ -94,10 +109,20 @@ class Collectives:
             self.run(f"barrier after {what}", lambda: dist.barrier(group=self.group))
 
     def all_reduce_(self, t: Tensor, what: str) -> Tensor:
-        """In-place sum of ``t`` (any shape) over ranks; returns ``t``."""
+        """In-place sum of ``t`` (any shape, any device) over ranks; returns ``t``."""
         if self.active:
-            self.run(what, lambda: dist.all_reduce(t, group=self.group))
+            on_comm = self._staged(t)
+            self.run(what, lambda: dist.all_reduce(on_comm, group=self.group))
+            if on_comm is not t:
+                t.copy_(on_comm)
         return t
+
+    def any_rank(self, flag: bool, what: str) -> bool:
+        """True when ``flag`` is True on at least one rank (every rank gets the same answer,
+        so every rank takes the same branch, e.g. all checkpoint on an interrupt)."""
+        if not self.active:
+            return flag
+        return self.sum_scalar(1.0 if flag else 0.0, what) > 0
 
     def sum_scalar(self, x: float, what: str) -> float:
         """Sum of a host float over ranks, in fp64."""
@@ -112,9 +137,16 @@ class Collectives:
         concatenated in rank order."""
         if not self.active:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        self.run(what, lambda: dist.all_gather(parts, t.contiguous(), group=self.group))
-        return torch.cat(parts)
+        on_comm = self._staged(t.contiguous())
+        parts = [torch.empty_like(on_comm) for _ in range(self.world)]
+        self.run(what, lambda: dist.all_gather(parts, on_comm, group=self.group))
+        return torch.cat(parts).to(t.device)
+
+    def _staged(self, t: Tensor) -> Tensor:
+        """``t`` itself, or a copy on the device the backend needs (a host tensor under NCCL)."""
+        if self.staging is None or t.device.type == self.staging.type:
+            return t
+        return t.to(self.staging)
 
     def all_reduce_gradients(
         self,

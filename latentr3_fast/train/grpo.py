@@ -302,10 +302,15 @@ class GRPOTrainer(GRPORollout, GRPOValidation, UsesCollectives):
                     and not self.stopped_early
                 ):
                     self.save_checkpoint()
-                if interrupt_requested():
+                # every rank checkpoints and stops after the same step (a signal may reach one)
+                if self.comm.any_rank(interrupt_requested(), "interrupt flag"):
                     honour_interrupt()
-                    saved = self.save_checkpoint() if self.out_dir is not None else None
-                    where = f"checkpoint saved in {self.out_dir}" if saved else "no checkpoint"
+                    self.save_checkpoint()  # rank 0 writes, every rank waits for it
+                    where = (
+                        f"checkpoint saved in {self.out_dir}"
+                        if self.out_dir is not None
+                        else "no output dir"
+                    )
                     raise TrainingInterrupted(
                         f"GRPO interrupted after step {self.global_step}: {where} "
                         "(--resume continues from it)"

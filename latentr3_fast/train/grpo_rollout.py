@@ -283,13 +283,14 @@ class GRPORollout:
 
         rewards = torch.cat([m.rewards for m in micro])  # [P_local * G]
         share = (a_global // self.world) * g  # rows of one advantage batch on this rank
+        group = self._adv_group()
+
+        def advantage(part: Tensor) -> Tensor:  # gathers over ranks: a dead peer is named
+            compute = lambda: grpo_advantage(part, g, cfg.advantage, group)  # noqa: E731
+            return self.comm.run("advantage gather", compute) if self.comm.active else compute()
+
         adv = torch.cat(
-            [
-                grpo_advantage(
-                    rewards[s : s + share], g, mode=cfg.advantage, group=self._adv_group()
-                )
-                for s in range(0, rewards.shape[0], share)
-            ]
+            [advantage(rewards[s : s + share]) for s in range(0, rewards.shape[0], share)]
         ).float()
         return micro, rewards, adv
 

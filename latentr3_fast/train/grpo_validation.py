@@ -213,11 +213,18 @@ class GRPOValidation:
         return self.model.ratt if self.cfg.trainable == "latent" else self.model
 
     def save_checkpoint(self) -> Path | None:
-        """Atomic checkpoint ``output_dir/checkpoints/step-XXXXXXXX`` (rank 0): trainable weights
-        (LatentRATT only when the backbone is frozen), optimizer, scheduler, RNG, the data
-        position and the best weights; keeps the newest ``keep_checkpoints``."""
-        if self.out_dir is None or self.rank != 0:
+        """Atomic checkpoint ``output_dir/checkpoints/step-XXXXXXXX`` written by rank 0 while
+        the other ranks wait at a barrier (none stops or reads before it is complete):
+        trainable weights (LatentRATT only when the backbone is frozen), optimizer, scheduler,
+        RNG, the data position and the best weights; keeps the newest ``keep_checkpoints``.
+        Collective when distributed: call on every rank. Returns the directory on rank 0."""
+        if self.out_dir is None:
             return None
+        path = self._write_checkpoint() if self.rank == 0 else None
+        self.comm.barrier("checkpoint")
+        return path
+
+    def _write_checkpoint(self) -> Path:
         state = {
             "stage": "grpo",
             "global_step": self.global_step,

@@ -254,11 +254,7 @@ class SFTTrainer(SFTValidation, UsesCollectives):
 
     def _interrupt_requested(self) -> bool:
         """A deferred Ctrl-C/SIGTERM on any rank (all ranks agree, so all checkpoint)."""
-        flag = interrupt_requested()
-        if self.comm.active:
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-            flag = bool(self.comm.all_reduce_(t, "interrupt flag").item() > 0)
-        return flag
+        return self.comm.any_rank(interrupt_requested(), "interrupt flag")
 
     # ------------------------------------------------------------------ loop
     def train(self) -> SFTResult:

@@ -120,3 +120,58 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for key in ("val0", "val1"):
         assert torch.equal(ranks[0][key], ranks[1][key]), key
         assert ranks[0][key][2] == 5
+
+
+def _interrupt_worker(rank: int, world: int, port: int, out: str, sys_path: list[str]) -> None:
+    """Rank 1 alone gets the signal (during step 1); record how each rank's train() ends."""
+    import datetime
+    import sys
+
+    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    timeout = datetime.timedelta(seconds=30)  # without agreement rank 0 would wait here
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    try:
+        from grpo_helpers import RESUME_RUN, tiny_setup, varied_samples
+
+        from latentr3_fast.train import grpo as grpo_mod
+        from latentr3_fast.train.interrupt import TrainingInterrupted
+
+        torch.set_num_threads(1)
+        ds, _, builder, model = tiny_setup(hidden=32)
+        run = dict(RESUME_RUN, prompts_per_step=4)  # 2 prompts per rank
+        tr = GRPOTrainer(
+            model,
+            GRPOConfig(output_dir=out, max_steps=4, **run),
+            varied_samples(ds, builder, 12),
+        )
+        grpo_mod.interrupt_requested = lambda: rank == 1 and tr.global_step >= 1
+        try:
+            tr.train()
+            ending = "finished"
+        except TrainingInterrupted as exc:
+            ending = str(exc)
+        except Exception as exc:  # a failed collective: the ranks disagreed
+            ending = f"{type(exc).__name__}: {exc}"
+        with open(f"{out}/ending.{rank}", "w") as f:
+            f.write(ending)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_interrupt_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """A signal that reaches one rank only (a per-node SIGTERM): both ranks stop after the same
+    step and rank 0 writes the checkpoint, instead of the others running into a dead peer."""
+    import sys
+
+    args = (2, _free_port(), str(tmp_path), list(sys.path))
+    mp.spawn(_interrupt_worker, args=args, nprocs=2, join=True)
+    endings = [(tmp_path / f"ending.{r}").read_text() for r in range(2)]
+    expected = (
+        f"GRPO interrupted after step 1: checkpoint saved in {tmp_path} (--resume continues "
+        "from it)"
+    )
+    assert endings == [expected, expected]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
