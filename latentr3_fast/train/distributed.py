@@ -91,7 +91,10 @@ class Collectives:
         return self.distributed and self.world > 1
 
     def run(self, what: str, fn: Callable[[], Any]) -> Any:
-        """Run a collective; a dead peer or a timeout becomes one clear TrainingError."""
+        """Run a collective; a dead peer or a timeout becomes one clear TrainingError. In one
+        process there is no peer, so ``fn``'s own errors pass through unchanged."""
+        if not self.active:
+            return fn()
         try:
             return fn()
         except (RuntimeError, dist.DistError) as exc:  # DistBackendError, gloo/NCCL errors

@@ -286,8 +286,9 @@ class GRPORollout:
         group = self._adv_group()
 
         def advantage(part: Tensor) -> Tensor:  # gathers over ranks: a dead peer is named
-            compute = lambda: grpo_advantage(part, g, cfg.advantage, group)  # noqa: E731
-            return self.comm.run("advantage gather", compute) if self.comm.active else compute()
+            return self.comm.run(
+                "advantage gather", lambda: grpo_advantage(part, g, cfg.advantage, group)
+            )
 
         adv = torch.cat(
             [advantage(rewards[s : s + share]) for s in range(0, rewards.shape[0], share)]
